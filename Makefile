@@ -1,0 +1,43 @@
+# Two commands: `make demo` and `make test`. Both set everything up first; every target is idempotent.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+FASTVIT := $(VENV)/bin/fastvit
+# the torch build these machines carry locally (a CUDA build that also runs on CPU)
+TORCH := torch==2.14.1 torchvision==0.29.1
+APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config dataset-fashion-mnist
+STAMP := $(VENV)/.installed
+DEMO_DATA := data/fmnist
+# DeepSpeed JIT-builds its ops once; keep them across runs
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup apt demo test clean
+
+setup: apt $(STAMP)
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages: $$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
+	  else echo "missing system packages: $$missing. Run as root: apt-get install -y $$missing" >&2; exit 1; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip wheel setuptools
+	$(PIP) install -q $(TORCH) -e '.[all,dev]'
+	touch $@
+
+demo: setup
+	$(FASTVIT) data fashion-mnist $(DEMO_DATA)
+	$(FASTVIT) train recipes/demo/mae_fmnist.yaml --resume
+	$(FASTVIT) analyze recon runs/mae_fmnist --data $(DEMO_DATA)/test --out runs/mae_fmnist/recon.png
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs .pytest_cache

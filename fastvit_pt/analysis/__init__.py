@@ -1,0 +1,1 @@
+"""Looking inside trained models: reconstructions (more analyses come with later issues)."""

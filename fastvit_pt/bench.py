@@ -1,0 +1,147 @@
+"""Model-only throughput: train steps (forward + backward + AdamW) on synthetic input, after warm-up,
+median of N steps. All cases of one call run in one process, side by side, so their ratios are fair."""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_train_step(
+    step: Callable[[], None], device: torch.device, steps: int, warmup: int, progress: Optional[Callable] = None
+) -> List[float]:
+    """Seconds per call of `step`, `steps` times after `warmup` untimed calls."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if progress:
+            progress()
+    return times
+
+
+def _train_step(module: nn.Module, loss_fn: Callable[[], torch.Tensor], precision: str, device: torch.device):
+    from .engine.optim import build_adamw, param_groups
+
+    opt = build_adamw(param_groups(module, 0.05), 1e-4, (0.9, 0.95), 1e-8, device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_model(
+    model: str = "mae_vit_tiny_patch16",
+    batch: int = 64,
+    img_size: int = 224,
+    patch_size: int = 16,
+    precision: str = "bf16",
+    attn: Sequence[str] = ("sdpa", "math"),
+    steps: int = 10,
+    warmup: int = 3,
+    device: str = "auto",
+    mask_ratio: float = 0.75,
+    timm_reference: Optional[str] = "vit_tiny_patch16_224",
+    progress: Optional[Callable] = None,
+) -> Dict:
+    """One row per attention implementation of `model` (MAE train step), plus timm's full-token
+    classification train step when `timm_reference` names a timm model (12 heads, as mae-lite's Tiny)."""
+    from pipelines.base import Batch
+
+    from .config import Config
+    from .distributed.env import pick_device
+    from .methods import build_method
+
+    dev = pick_device(device)
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, img_size, img_size, device=dev)
+    labels = torch.randint(0, 1000, (batch,), device=dev)
+    rows = []
+    for impl in attn:
+        cfg = Config()
+        cfg.model.name, cfg.model.img_size, cfg.model.patch_size = model, img_size, patch_size
+        cfg.method.mask_ratio = mask_ratio
+        method = build_method(cfg, attn_impl=impl).to(dev).train()
+        step = _train_step(method, lambda m=method: m(Batch(images, labels))["loss"], precision, dev)
+        times = time_train_step(step, dev, steps, warmup, progress)
+        rows.append(_row(f"{model} (MAE, mask {mask_ratio})", impl, batch, times))
+        del method, step
+    if timm_reference:
+        import timm
+
+        ref = timm.create_model(timm_reference, num_heads=12, num_classes=1000).to(dev).train()
+        ce = nn.CrossEntropyLoss()
+        step = _train_step(ref, lambda: ce(ref(images), labels), precision, dev)
+        times = time_train_step(step, dev, steps, warmup, progress)
+        rows.append(_row(f"timm {timm_reference} (12 heads, all tokens)", "timm default", batch, times))
+    primary = max((r for r in rows if not r["name"].startswith("timm")), key=lambda r: r["img_per_s"], default=rows[0])
+    ref_rate = rows[-1]["img_per_s"] if timm_reference else None
+    for r in rows:
+        r["ratio_vs_timm"] = round(r["img_per_s"] / ref_rate, 3) if ref_rate else None
+    return {
+        "model": model,
+        "batch": batch,
+        "img_per_s": primary["img_per_s"],
+        "best_attn": primary["attn"],
+        "precision": precision,
+        "img_size": img_size,
+        "steps": steps,
+        "warmup": warmup,
+        "runs": rows,
+        "env": environment(dev),
+    }
+
+
+def _row(name: str, attn: str, batch: int, times: List[float]) -> Dict:
+    med = statistics.median(times)
+    return {
+        "name": name,
+        "attn": attn,
+        "img_per_s": round(batch / med, 2),
+        "step_ms_median": round(med * 1000, 2),
+        "step_ms_min": round(min(times) * 1000, 2),
+        "step_ms_max": round(max(times) * 1000, 2),
+    }
+
+
+def environment(device: torch.device) -> Dict:
+    import timm
+
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"

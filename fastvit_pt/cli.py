@@ -1,0 +1,208 @@
+"""`fastvit`: each command loads a recipe (+ dotted KEY=VALUE overrides) and calls one library function.
+
+Imports here stay light (click, and yaml through config): torch and friends load inside the commands,
+so `fastvit --help` answers at once.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import click
+
+
+class _UserErrors(click.Group):
+    """Turn the library's user-facing errors into one clear line instead of a traceback
+    (FASTVIT_DEBUG=1 keeps the traceback)."""
+
+    def invoke(self, ctx):
+        import os
+
+        from .config import ConfigError
+
+        try:
+            return super().invoke(ctx)
+        except ConfigError as err:
+            if os.environ.get("FASTVIT_DEBUG"):
+                raise
+            raise click.UsageError(str(err), ctx) from None
+        except Exception as err:
+            if os.environ.get("FASTVIT_DEBUG") or not _is_user_error(err):
+                raise
+            raise click.ClickException(_first_line_of_worker_error(str(err))) from None
+
+
+def _is_user_error(err: Exception) -> bool:
+    from pipelines.base import DecodeError
+
+    from .engine.checkpoint import CheckpointError
+    from .engine.loop import NonFiniteLossError
+
+    return isinstance(err, (FileNotFoundError, ValueError, CheckpointError, NonFiniteLossError, DecodeError))
+
+
+def _first_line_of_worker_error(msg: str) -> str:
+    """A DataLoader worker's error arrives wrapped with its traceback; the user needs its last line."""
+    if "Original Traceback" in msg:
+        lines = [ln for ln in msg.strip().splitlines() if ln.strip()]
+        return lines[-1].split(": ", 1)[-1] if lines else msg
+    return msg
+
+
+def _load(recipe: str, overrides: List[str], out: Optional[str] = None):
+    from .config import load_config
+
+    cfg = load_config(recipe, list(overrides) + ([f"train.out_dir={out}"] if out else []))
+    return cfg
+
+
+@click.group(cls=_UserErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fastvit_pt")
+def main() -> None:
+    """Self-supervised pre-training of lightweight ViTs (MAE-lite), as fast as the hardware allows."""
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[PATH]",
+              help="Resume from PATH, or alone: the latest checkpoint in the run directory.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (train.out_dir).")
+@click.option("--dry-run", is_flag=True, help="Resolve and build everything, print the plan, train nothing.")
+def train(recipe: str, overrides: List[str], resume: Optional[str], out: Optional[str], dry_run: bool) -> None:
+    """Pre-train with RECIPE; KEY=VALUE pairs override it (optim.blr=1e-4 train.epochs=10)."""
+    cfg = _load(recipe, overrides, out)
+    if dry_run:
+        from .engine.plan import describe_plan
+
+        click.echo(describe_plan(cfg))
+        return
+    from .engine.loop import NonFiniteLossError, train as run_training
+
+    t0 = time.perf_counter()
+    try:
+        res = run_training(cfg, resume)
+    except NonFiniteLossError as err:
+        raise click.ClickException(str(err)) from None
+    from .engine.metrics import summarize_run
+
+    done = summarize_run(res.run_dir)
+    if res.epochs_run == 0:
+        click.echo(f"nothing to do: {res.run_dir} has already trained all {cfg.train.epochs} epochs")
+    else:
+        click.echo(f"trained {res.epochs_run} epoch(s) in {time.perf_counter() - t0:.0f} s")
+    if done:
+        click.echo(
+            f"run so far: {done['epochs']:.0f}/{cfg.train.epochs} epochs, {done['steps']} optimizer steps\n"
+            f"loss: {done['first_loss']:.4f} (first log) -> {done['last_loss']:.4f} (last log)\n"
+            f"throughput: {done['img_per_s']:.0f} img/s (median over log intervals)"
+        )
+    click.echo(f"checkpoint: {res.checkpoint}\nmetrics: {res.run_dir / 'metrics.jsonl'}  config: {res.run_dir / 'config.yaml'}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def config(recipe: str, overrides: List[str]) -> None:
+    """Print RECIPE fully resolved (defaults < recipe < KEY=VALUE overrides) as YAML."""
+    from .config import to_yaml
+
+    click.echo(to_yaml(_load(recipe, overrides)), nl=False)
+
+
+@main.command()
+def models() -> None:
+    """List the registered models and methods."""
+    from .methods import list_methods
+    from .models import list_models
+
+    click.echo("models:  " + " ".join(list_models()))
+    click.echo("methods: " + " ".join(list_methods()))
+
+
+@main.group()
+def data() -> None:
+    """Materialise data sets."""
+
+
+@data.command("fashion-mnist")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--source", default="/usr/share/datasets/fashion-mnist", show_default=True,
+              help="Folder with the IDX .gz files of the Debian package dataset-fashion-mnist.")
+def data_fashion_mnist(out_dir: str, source: str) -> None:
+    """Write Fashion-MNIST as OUT_DIR/{train,test}/<class>/<n>.png (an ImageFolder tree)."""
+    from tqdm import tqdm
+
+    from pipelines.fashion_mnist import write_fashion_mnist
+
+    with tqdm(total=70_000, desc="fashion-mnist", unit="img", file=sys.stderr, mininterval=1.0) as bar:
+        counts = write_fashion_mnist(out_dir, source, progress=bar.update)
+    for split, per_class in counts.items():
+        click.echo(f"{Path(out_dir) / split}: {sum(per_class.values())} images in {len(per_class)} classes")
+
+
+@main.group()
+def bench() -> None:
+    """Throughput benchmarks (warm-up, then medians; all cases side by side in one run)."""
+
+
+@bench.command("model")
+@click.option("--model", default="mae_vit_tiny_patch16", show_default=True)
+@click.option("--batch", default=64, show_default=True)
+@click.option("--img-size", default=224, show_default=True)
+@click.option("--patch-size", default=16, show_default=True)
+@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
+@click.option("--attn", default="sdpa,math", show_default=True, help="Attention implementations to compare.")
+@click.option("--steps", default=10, show_default=True, help="Timed steps (the median is reported).")
+@click.option("--warmup", default=3, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--timm-ref", default="vit_tiny_patch16_224", show_default=True,
+              help="timm model timed beside ours (full tokens, 12 heads); 'none' to skip.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
+def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, warmup, device, timm_ref, json_path):
+    """Model-only train-step img/s (forward + backward + AdamW) on synthetic input."""
+    from tqdm import tqdm
+
+    from .bench import bench_model
+
+    impls = [a.strip() for a in attn.split(",") if a.strip()]
+    ref = None if timm_ref.lower() == "none" else timm_ref
+    with tqdm(total=steps * (len(impls) + (ref is not None)), desc="bench model", file=sys.stderr) as bar:
+        res = bench_model(model, batch, img_size, patch_size, precision, impls, steps, warmup, device,
+                          timm_reference=ref, progress=bar.update)
+    click.echo(f"{res['env']['device']}, torch {res['env']['torch']}, {precision}, batch {batch}, {img_size} px")
+    click.echo(f"{'case':58s} {'attn':>12s} {'img/s':>9s} {'ms/step':>9s} {'vs timm':>8s}")
+    for r in res["runs"]:
+        ratio = f"{r['ratio_vs_timm']:.2f}x" if r["ratio_vs_timm"] else "-"
+        click.echo(f"{r['name']:58s} {r['attn']:>12s} {r['img_per_s']:9.1f} {r['step_ms_median']:9.1f} {ratio:>8s}")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(res, indent=2))
+        click.echo(f"wrote {json_path}")
+
+
+@main.group()
+def analyze() -> None:
+    """Look inside a trained model."""
+
+
+@analyze.command("recon")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out", "out_png", type=click.Path(dir_okay=False), default=None,
+              help="PNG to write (default: recon.png beside the checkpoint).")
+@click.option("--data", "data_path", default=None, help="Image folder to draw from (default: the run's data.path).")
+@click.option("-n", "num", default=8, show_default=True, help="How many images.")
+def analyze_recon(checkpoint: str, out_png: Optional[str], data_path: Optional[str], num: int) -> None:
+    """Save a PNG grid: original | masked input | reconstruction | reconstruction with visible patches.
+    CHECKPOINT is a checkpoint file or a run directory (its latest checkpoint)."""
+    from .analysis.reconstruct import save_reconstructions
+
+    path = save_reconstructions(checkpoint, out_png, data_path, num)
+    click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

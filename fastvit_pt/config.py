@@ -1,0 +1,311 @@
+"""Typed configuration: code defaults < recipe YAML < dotted CLI overrides (`optim.blr=1e-4`).
+
+Every component has a dataclass, one docstring line per field. An unknown key anywhere is an error that
+names the key and suggests the closest valid one. Runtime objects (rank, device, a teacher module) are
+build arguments, never fields. This module imports no torch, so `fastvit config` answers quickly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+from pipelines.config import PipelineConfig
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+ENGINES = ("torch",)
+ATTN_IMPLS = ("auto", "sdpa", "math")
+
+
+class ConfigError(ValueError):
+    """Bad user configuration: the message names the key or file at fault."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mae_vit_tiny_patch16"
+    """A registered model (`fastvit models` lists them)."""
+    img_size: int = 224
+    """Input resolution in pixels; also the crop size of the training pipeline."""
+    patch_size: int = 16
+    """Patch side in pixels; img_size must be a multiple of it."""
+    in_chans: int = 3
+    """Input channels."""
+    attn_impl: str = "auto"
+    """sdpa (fused kernels), math (explicit softmax(QK^T)V), or auto: the faster one measured for the device and dtype."""
+    drop_path: float = 0.0
+    """Stochastic depth rate of the encoder (MAE pre-training uses 0)."""
+
+
+@dataclass
+class MethodConfig:
+    name: str = "mae"
+    """The training method (`fastvit models` lists them)."""
+    mask_ratio: float = 0.75
+    """Fraction of patches hidden from the encoder."""
+    norm_pix_loss: bool = True
+    """Regress per-patch normalised pixels (MAE's better target)."""
+
+
+@dataclass
+class OptimConfig:
+    blr: float = 1.5e-4
+    """Base learning rate; the applied peak is blr * train.global_batch / 256."""
+    lr: Optional[float] = None
+    """Absolute peak learning rate; overrides blr when set."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine."""
+    weight_decay: float = 0.05
+    """AdamW decoupled weight decay (never applied to biases, norms or other 1-D parameters)."""
+    betas: Tuple[float, float] = (0.9, 0.95)
+    """AdamW betas; MAE uses 0.95 for beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_epochs: float = 40.0
+    """Linear warm-up length, applied per iteration."""
+    clip_grad: Optional[float] = None
+    """Clip the global gradient norm to this value; null disables."""
+    fused: Optional[bool] = None
+    """AdamW implementation: true = fused kernel (CUDA), false = foreach, null = fused on CUDA else foreach."""
+
+
+@dataclass
+class EngineConfig:
+    kind: str = "torch"
+    """Training engine: torch (single process or DDP under torchrun)."""
+    device: str = "auto"
+    """cuda, cpu, or auto (cuda when available)."""
+    precision: str = "bf16"
+    """Autocast dtype: bf16, fp16 (with dynamic loss scaling; CUDA only) or fp32."""
+    compile: bool = False
+    """Wrap the method in torch.compile (costs about 20 s of compilation on CPU)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 400
+    """Length of the schedule in epochs."""
+    global_batch: int = 4096
+    """Images per optimizer step over all ranks; accumulation = global_batch / (micro_batch * world_size)."""
+    micro_batch: int = 64
+    """Images per forward pass on one rank."""
+    seed: int = 0
+    """Seeds data order, augmentation and masking; a run is a function of it."""
+    out_dir: str = ""
+    """Run directory; empty means runs/<recipe name>."""
+    log_every: int = 50
+    """Optimizer steps between metric logs (each log is one host-device sync)."""
+    save_every_epochs: int = 1
+    """Epochs between checkpoints; the last epoch is always saved."""
+    keep_checkpoints: int = 2
+    """How many epoch checkpoints to keep on disk (older ones are deleted)."""
+    stop_after_epochs: Optional[int] = None
+    """Exit cleanly after this many epochs in this invocation (time-limited cluster jobs); resume continues."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars beside metrics.jsonl."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: PipelineConfig = field(default_factory=PipelineConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        m, e, t = self.model, self.engine, self.train
+        if m.img_size % m.patch_size:
+            raise ConfigError(f"model.img_size ({m.img_size}) must be a multiple of model.patch_size ({m.patch_size})")
+        if m.attn_impl not in ATTN_IMPLS:
+            raise ConfigError(f"model.attn_impl: expected one of {', '.join(ATTN_IMPLS)}, got {m.attn_impl!r}")
+        if not 0.0 < self.method.mask_ratio < 1.0:
+            raise ConfigError(f"method.mask_ratio must be in (0, 1), got {self.method.mask_ratio}")
+        if e.kind not in ENGINES:
+            raise ConfigError(f"engine.kind: expected one of {', '.join(ENGINES)}, got {e.kind!r}")
+        if e.precision not in PRECISIONS:
+            raise ConfigError(f"engine.precision: expected one of {', '.join(PRECISIONS)}, got {e.precision!r}")
+        if e.device not in ("auto", "cpu", "cuda") and not e.device.startswith("cuda:"):
+            raise ConfigError(f"engine.device: expected auto, cpu or cuda, got {e.device!r}")
+        for key in ("epochs", "global_batch", "micro_batch", "log_every", "save_every_epochs", "keep_checkpoints"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+        if t.global_batch % t.micro_batch:
+            raise ConfigError(
+                f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch})"
+            )
+        if self.optim.warmup_epochs < 0 or self.optim.warmup_epochs > t.epochs:
+            raise ConfigError(f"optim.warmup_epochs must be in [0, train.epochs={t.epochs}], got {self.optim.warmup_epochs}")
+        try:
+            self.data.validate()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return self
+
+    @property
+    def peak_lr(self) -> float:
+        return self.optim.lr if self.optim.lr is not None else self.optim.blr * self.train.global_batch / 256
+
+
+# ----------------------------------------------------------------------------------------------------
+# loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotated type `tp`, converting only where it is lossless."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is Any:
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _unknown_key(key: str, valid: List[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{where}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{where}{key}'{hint} Valid keys here: {', '.join(valid)}")
+
+
+def _merge(obj: Any, data: Dict[str, Any], where: str = "") -> None:
+    """Write the mapping `data` into the dataclass `obj`, validating every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'recipe'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(str(key), names, where)
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{where}{key}"))
+
+
+def _read_recipe(path: Path, seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
+    """Read a recipe; a top-level `base: other.yaml` (relative to the recipe) is read first, then updated."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: recipe 'base' chain loops back on itself")
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    merged = _read_recipe(path.parent / base, seen + (path,))
+    _deep_update(merged, data)
+    return merged
+
+
+def _deep_update(dst: Dict[str, Any], src: Dict[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def parse_overrides(overrides: List[str]) -> Dict[str, Any]:
+    """`["optim.blr=1e-4", "data.path=/x"]` -> nested dict, values parsed as YAML scalars."""
+    out: Dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (for example optim.blr=1e-4)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty part in key {key!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {p!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(recipe: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> Config:
+    cfg = Config()
+    if recipe is not None:
+        _merge(cfg, _read_recipe(Path(recipe)))
+        if not cfg.train.out_dir:
+            cfg.train.out_dir = str(Path("runs") / Path(recipe).stem)
+    if overrides:
+        _merge(cfg, parse_overrides(overrides))
+    if not cfg.train.out_dir:
+        cfg.train.out_dir = "runs/default"
+    return cfg.validate()
+
+
+def config_from_dict(data: Dict[str, Any]) -> Config:
+    cfg = Config()
+    _merge(cfg, data)
+    return cfg.validate()
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)

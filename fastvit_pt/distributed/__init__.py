@@ -1,0 +1,1 @@
+"""Process groups and engines. Parallelism is applied here, from outside the models."""

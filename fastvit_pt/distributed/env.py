@@ -1,0 +1,70 @@
+"""Rank, world size and device from the standard launcher variables (torchrun, the deepspeed launcher,
+SLURM through either). Nothing here launches processes."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def pick_device(pref: str, local_rank: int = 0) -> torch.device:
+    if pref == "cpu":
+        return torch.device("cpu")
+    if pref.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"engine.device={pref!r} but CUDA is not available here; use engine.device=cpu")
+        return torch.device(pref if ":" in pref else f"cuda:{local_rank}")
+    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init_distributed(device_pref: str = "auto", timeout_s: int = 1800) -> DistEnv:
+    """Read RANK / WORLD_SIZE / LOCAL_RANK; with more than one rank, join the process group (NCCL on GPU,
+    gloo on CPU). A bounded timeout makes a dead peer an error instead of a hang."""
+    world = _int_env("WORLD_SIZE", 1)
+    rank, local_rank = _int_env("RANK", 0), _int_env("LOCAL_RANK", 0)
+    device = pick_device(device_pref, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(var):
+                raise RuntimeError(f"WORLD_SIZE={world} but {var} is not set; launch with torchrun or the deepspeed launcher")
+        torch.distributed.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return DistEnv(rank, world, local_rank, device)
+
+
+def shutdown_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

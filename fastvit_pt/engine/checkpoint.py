@@ -1,0 +1,88 @@
+"""Checkpoints: written atomically (temporary file, fsync, rename), read with weights_only=True."""
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated or not one of ours; the message names the file."""
+
+
+def checkpoint_path(run_dir: str | Path, epoch: int) -> Path:
+    return Path(run_dir) / f"checkpoint-{epoch:04d}.pt"
+
+
+def rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {**np_state, "state": {k: torch.as_tensor(np.asarray(v)) for k, v in np_state["state"].items()}},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    np_state = dict(state["numpy"])
+    np_state["state"] = {k: v.numpy() if v.ndim else int(v) for k, v in np_state["state"].items()}
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_checkpoint(path: str | Path, state: Dict[str, Any]) -> Path:
+    """Write `state` so that `path` is either the old file or the complete new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # zip, pickle and EOF errors all mean the same thing to the user
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({path.stat().st_size} bytes): it is truncated, corrupt or not a "
+            f"PyTorch checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
+    if not isinstance(state, dict) or "engine" not in state or "epoch" not in state:
+        raise CheckpointError(f"{path} is not a fastvit training checkpoint (no 'engine'/'epoch' entries)")
+    return state
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint-*.pt") if (m := _NAME.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    found = sorted((int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint-*.pt") if (m := _NAME.match(p.name)))
+    for _, p in found[:-keep] if keep > 0 else []:
+        p.unlink(missing_ok=True)

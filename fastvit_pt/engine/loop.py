@@ -1,0 +1,223 @@
+"""The one training loop. It knows only the method contract (`forward(batch) -> {"loss": ..., parts}`) and
+the engine interface (`engine(batch)`, `engine.backward(loss)`, `engine.step()`): no method names here."""
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..config import Config, to_dict, to_yaml
+from ..distributed.env import DistEnv, init_distributed, shutdown_distributed
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .metrics import MetricLogger, Progress, format_eta
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message says when and which checkpoint is the last good one."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Optional[Path]
+    epochs_run: int
+    steps: int
+    first_loss: Optional[float] = None
+    last_loss: Optional[float] = None
+    img_per_s: Optional[float] = None
+    losses: List[float] = field(default_factory=list)  # one per log interval, for tests and summaries
+
+
+def resolve_attn_impl(impl: str, device: torch.device, precision: str) -> str:
+    """auto: fused SDPA, except for bf16 on CPU, where SDPA's backward measured slower than the explicit
+    softmax(QK^T)V (benchmarks/results/cpu_model.md: `fastvit bench model --attn sdpa,math`)."""
+    if impl != "auto":
+        return impl
+    return "math" if device.type == "cpu" and precision == "bf16" else "sdpa"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_training(cfg: Config, env: DistEnv):
+    """Loader, method and engine for `cfg` on this rank (no checkpoint loading, no training)."""
+    import pipelines
+
+    from ..distributed.torch_engine import DTYPES, TorchEngine, accumulation_steps
+    from ..methods import build_method
+
+    accum = accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, env.world_size)
+    loader = pipelines.build_loader(
+        cfg.data,
+        img_size=cfg.model.img_size,
+        batch_size=cfg.train.micro_batch,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=cfg.train.seed,
+        device=env.device,
+        dtype=DTYPES[cfg.engine.precision],
+        train=True,
+    )
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"data.path {cfg.data.path} gives {len(loader)} micro-batches of {cfg.train.micro_batch} per rank per epoch, "
+            f"fewer than one optimizer step of train.global_batch={cfg.train.global_batch}; lower the batch sizes"
+        )
+    method = build_method(cfg, attn_impl=resolve_attn_impl(cfg.model.attn_impl, env.device, cfg.engine.precision))
+    engine = TorchEngine(method, cfg, env, steps_per_epoch)
+    return loader, method, engine, steps_per_epoch
+
+
+def _gather_rng(env: DistEnv) -> list:
+    state = rng_state()
+    if not env.distributed:
+        return [state]
+    out = [None] * env.world_size
+    torch.distributed.all_gather_object(out, state)
+    return out
+
+
+def _mean_over_ranks(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        torch.distributed.all_reduce(values)  # gloo has no AVG
+        values /= env.world_size
+    return values
+
+
+def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
+    env = init_distributed(cfg.engine.device)
+    try:
+        return _train(cfg, env, resume)
+    finally:
+        shutdown_distributed()
+
+
+def _resolve_resume(resume: Optional[str], run_dir: Path, is_main: bool) -> Optional[Path]:
+    """None: a fresh run, refused where checkpoints already exist. "latest": the newest checkpoint in the
+    run directory, or a fresh start when there is none. Anything else: that file."""
+    found = latest_checkpoint(run_dir)
+    if resume is None:
+        if found is not None:
+            raise CheckpointError(
+                f"run directory {run_dir} already holds checkpoints ({found.name}); pass --resume to continue it, "
+                "or choose another --out"
+            )
+        return None
+    if resume == "latest":
+        if found is None and is_main:
+            print(f"--resume: no checkpoint in {run_dir} yet; starting from scratch", file=sys.stderr)
+        return found
+    return Path(resume)
+
+
+def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
+    t = cfg.train
+    run_dir = Path(t.out_dir)
+    resume_path = _resolve_resume(resume, run_dir, env.is_main)
+    state = load_checkpoint(resume_path) if resume_path else None  # fail before building anything
+    seed_everything(t.seed + env.rank)
+    loader, method, engine, steps_per_epoch = build_training(cfg, env)
+    micro_per_epoch = steps_per_epoch * engine.accum
+    start_epoch = 0
+    if state is not None:
+        engine.load_state_dict(state["engine"])
+        rngs = state["rng"]
+        if len(rngs) == env.world_size:
+            set_rng_state(rngs[env.rank])
+        else:
+            seed_everything(t.seed + env.rank + 1_000_003 * (state["epoch"] + 1))
+        start_epoch = state["epoch"] + 1
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    logger = MetricLogger(run_dir, env.is_main, t.tensorboard, append=state is not None)
+    imgs_per_micro = t.micro_batch * env.world_size
+    result = TrainResult(run_dir, resume_path, 0, engine.global_step)
+    last_saved = resume_path
+    rates: List[float] = []
+    total_steps = t.epochs * steps_per_epoch
+    try:
+        for epoch in range(start_epoch, t.epochs):
+            if t.stop_after_epochs is not None and result.epochs_run >= t.stop_after_epochs:
+                break
+            loader.set_epoch(epoch)
+            method.train()
+            bar = Progress(env.is_main, micro_per_epoch, f"epoch {epoch + 1}/{t.epochs}")
+            sums: Dict[str, torch.Tensor] = {}
+            n_micro, tic = 0, time.perf_counter()
+            for i, batch in enumerate(loader):
+                if i >= micro_per_epoch:
+                    break
+                out = engine(batch)
+                engine.backward(out["loss"])
+                stepped = engine.step()
+                for k, v in out.items():  # device-side sums: no host sync here
+                    if torch.is_tensor(v) and v.ndim == 0:
+                        sums[k] = sums.get(k, 0.0) + v.detach().float()
+                n_micro += 1
+                last = i + 1 == micro_per_epoch
+                if stepped and (engine.global_step % t.log_every == 0 or last):
+                    keys = sorted(sums)
+                    # this .item() is the host-device sync point, once per log interval
+                    vals = _mean_over_ranks(torch.stack([sums[k] for k in keys]) / n_micro, env).tolist()
+                    parts = dict(zip(keys, vals))
+                    elapsed = time.perf_counter() - tic
+                    rate = n_micro * imgs_per_micro / elapsed
+                    if not all(math.isfinite(v) for v in vals):
+                        raise NonFiniteLossError(
+                            f"loss became non-finite ({parts}) at epoch {epoch + 1}, optimizer step {engine.global_step}; "
+                            f"stopping. The last good checkpoint is {last_saved or '(none yet)'}. "
+                            "Lower optim.blr, set optim.clip_grad, or use engine.precision=bf16 instead of fp16."
+                        )
+                    rates.append(rate)
+                    result.losses.append(parts["loss"])
+                    if result.first_loss is None:
+                        result.first_loss = parts["loss"]
+                    result.last_loss = parts["loss"]
+                    grad = {"grad_norm": engine.grad_norm.item()} if engine.grad_norm is not None else {}
+                    logger.log(
+                        engine.global_step,
+                        {"epoch": epoch + (i + 1) / micro_per_epoch, "lr": engine.lr, "img_per_s": rate, **parts, **grad},
+                    )
+                    eta = (total_steps - engine.global_step) * engine.accum * imgs_per_micro / rate
+                    bar.update(0, {"loss": f"{parts['loss']:.4f}", "img/s": f"{rate:.0f}", "eta": format_eta(eta)})
+                    sums, n_micro, tic = {}, 0, time.perf_counter()
+                bar.update(1)
+            bar.close()
+            result.epochs_run += 1
+            result.steps = engine.global_step
+            if (epoch + 1) % t.save_every_epochs == 0 or epoch + 1 == t.epochs:
+                state = {
+                    "engine": engine.state_dict(),
+                    "epoch": epoch,
+                    "rng": _gather_rng(env),
+                    "config": to_dict(cfg),
+                }
+                if env.is_main:
+                    last_saved = save_checkpoint(checkpoint_path(run_dir, epoch + 1), state)
+                    prune_checkpoints(run_dir, t.keep_checkpoints)
+    finally:
+        logger.close()
+    result.checkpoint = last_saved
+    result.img_per_s = float(np.median(rates)) if rates else None
+    return result

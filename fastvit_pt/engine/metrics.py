@@ -1,0 +1,86 @@
+"""Metrics out: JSONL (one object per log), TensorBoard scalars, and a progress bar on rank 0."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+
+class MetricLogger:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, append: bool):
+        self.enabled = enabled
+        self.jsonl = open(run_dir / "metrics.jsonl", "a" if append else "w") if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def log(self, step: int, values: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+class Progress:
+    """tqdm bar over one epoch's micro-batches with loss, img/s and the whole run's ETA; rank 0 only."""
+
+    def __init__(self, enabled: bool, total: int, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            # a non-tty (CI, `make demo | tee`) gets a line every 10 s instead of a carriage-return storm
+            interactive = sys.stderr.isatty()
+            self.bar = tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True, leave=True,
+                            mininterval=0.1 if interactive else 10.0, file=sys.stderr)
+
+    def update(self, n: int = 1, postfix: Optional[Dict[str, str]] = None) -> None:
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def summarize_run(run_dir: Path) -> Dict[str, float]:
+    """First and last logged loss, median img/s and step count over a run's whole metrics.jsonl
+    (resumed segments included)."""
+    import statistics
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return {}
+    return {
+        "first_loss": rows[0]["loss"],
+        "last_loss": rows[-1]["loss"],
+        "img_per_s": statistics.median(r["img_per_s"] for r in rows),
+        "steps": rows[-1]["step"],
+        "epochs": rows[-1]["epoch"],
+    }
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

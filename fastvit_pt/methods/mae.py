@@ -1,0 +1,40 @@
+"""MAE pre-training: reconstruct the masked patches of one view."""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.nn as nn
+
+from ..models import MaskedAutoencoderViT, create_model
+
+
+class MAE(nn.Module):
+    def __init__(self, model: MaskedAutoencoderViT, mask_ratio: float):
+        super().__init__()
+        if not isinstance(model, MaskedAutoencoderViT):
+            raise ValueError(f"method 'mae' needs an MAE model (mae_vit_*), got {type(model).__name__}")
+        self.model, self.mask_ratio = model, mask_ratio
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        """batch.images: [N, C, H, W] normalised -> {"loss": scalar}"""
+        loss, _, _ = self.model(batch.images, self.mask_ratio)
+        return {"loss": loss}
+
+    def encoder(self) -> nn.Module:
+        """The backbone that downstream tasks keep (timm-compatible keys)."""
+        return self.model.encoder
+
+
+def build(cfg, attn_impl: str = "sdpa", **_) -> MAE:
+    m = cfg.model
+    model = create_model(
+        m.name,
+        img_size=m.img_size,
+        patch_size=m.patch_size,
+        in_chans=m.in_chans,
+        norm_pix_loss=cfg.method.norm_pix_loss,
+        drop_path_rate=m.drop_path,
+        attn_impl=attn_impl,
+    )
+    return MAE(model, cfg.method.mask_ratio)

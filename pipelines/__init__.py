@@ -1,0 +1,52 @@
+"""Standalone data pipelines. Never imports fastvit_pt; each backend file is the only importer of its library.
+
+    loader = build_loader(cfg, img_size=224, batch_size=64, device="cuda", dtype=torch.bfloat16)
+    for batch in loader: ...   # Batch(images=[N, 3, 224, 224] normalised on the device, labels=[N])
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .config import BACKENDS, PipelineConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .base import Loader
+
+__all__ = ["BACKENDS", "PipelineConfig", "build_loader"]
+
+
+def build_loader(
+    cfg: PipelineConfig,
+    *,
+    img_size: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    device="cpu",
+    dtype: "torch.dtype | None" = None,
+    train: bool = True,
+    drop_last: bool = True,
+) -> "Loader":
+    """Build the configured backend. Heavy libraries are imported here, only for the backend asked for."""
+    import torch
+
+    cfg.validate()
+    kwargs = dict(
+        img_size=img_size,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        device=device,
+        dtype=dtype or torch.float32,
+        train=train,
+        drop_last=drop_last,
+    )
+    if cfg.backend == "torchvision":
+        from .torchvision_loader import TorchvisionLoader
+
+        return TorchvisionLoader(cfg, **kwargs)
+    raise NotImplementedError(f"data.backend={cfg.backend!r} is not built yet; use data.backend=torchvision")

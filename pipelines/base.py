@@ -1,0 +1,108 @@
+"""The Batch contract every backend yields, and the pieces backends share.
+
+Contract: `images` are [N, C, H, W] on the target device, in the compute dtype, already normalised;
+`labels` are [N] int64 on the same device. Backends move uint8 over the bus (4x fewer bytes than fp32)
+and normalise on the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+
+class DecodeError(RuntimeError):
+    """An image file could not be decoded; the message names the file."""
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    """[N, C, H, W] normalised, compute dtype, on the device."""
+    labels: torch.Tensor
+    """[N] int64 class indices, on the device."""
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+class DeviceNormalize:
+    """uint8 [N, C, H, W] on the host -> normalised Batch on the device."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device, dtype: torch.dtype = torch.float32):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.mean = torch.tensor([m * 255.0 for m in mean], device=self.device).view(1, -1, 1, 1)
+        self.inv_std = torch.tensor([1.0 / (s * 255.0) for s in std], device=self.device).view(1, -1, 1, 1)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"a pipeline must hand uint8 images to DeviceNormalize, got {images.dtype}")
+        non_blocking = self.device.type == "cuda"
+        x = images.to(self.device, non_blocking=non_blocking)
+        # normalise in fp32, then cast: bf16 has too few mantissa bits for (x - mean) on 0..255 values
+        x = ((x.float() - self.mean) * self.inv_std).to(self.dtype)
+        y = labels.to(self.device, non_blocking=non_blocking).long()
+        return Batch(x, y)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample's augmentation: a function of (seed, epoch, index) only, so the stream
+    is the same whatever the worker count, and a resumed run sees exactly the augmentations it would have."""
+    h = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    h ^= h >> 31
+    return h & (2**63 - 1)
+
+
+def shard_indices(n: int, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    """This rank's sample indices for one epoch.
+
+    Every rank draws the same permutation from (seed, epoch), drops the tail that does not divide by the
+    world size, and takes every world_size-th index: shards are disjoint and equally long.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g)
+    else:
+        order = torch.arange(n)
+    usable = n - n % world_size
+    return order[rank:usable:world_size]
+
+
+class EpochShardSampler(torch.utils.data.Sampler):
+    """Yields (index, epoch) pairs of this rank's shard, so a dataset's workers know the epoch without
+    shared state (and persistent workers stay correct across epochs)."""
+
+    def __init__(self, n: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
+        self.n, self.rank, self.world_size, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.world_size
+
+    def __iter__(self) -> Iterator:
+        idx = shard_indices(self.n, self.rank, self.world_size, self.seed, self.epoch, self.shuffle)
+        epoch = self.epoch
+        return iter([(int(i), epoch) for i in idx])
+
+
+class Loader:
+    """What every backend returns: iterate for Batches; `len()` is batches per epoch on this rank."""
+
+    classes: Sequence[str]
+    num_samples: int
+
+    def set_epoch(self, epoch: int) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __len__(self) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Batch]:  # pragma: no cover - interface
+        raise NotImplementedError

@@ -1,0 +1,62 @@
+"""Backend-neutral description of a data pipeline.
+
+Imports nothing heavy: `fastvit config` and `fastvit --help` read this module without loading torch.
+Runtime facts (rank, world size, device, compute dtype, batch size, crop size) are build arguments of
+`pipelines.build_loader`, not fields here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+BACKENDS = ("torchvision", "ffcv", "dali")
+INTERPOLATIONS = ("bilinear", "bicubic", "random")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class PipelineConfig:
+    backend: str = "torchvision"
+    """One of: torchvision (PIL reference), ffcv, dali."""
+    path: str = ""
+    """Training data: a class-folder tree (ImageNet layout: ROOT/<class>/<image>)."""
+    workers: int = 8
+    """Decoding worker processes per rank."""
+    crop_scale: Tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop area range, as a fraction of the source image (mae-lite: 0.08-1)."""
+    crop_ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    """RandomResizedCrop aspect-ratio range (w/h)."""
+    interpolation: str = "random"
+    """Resize filter: bilinear, bicubic, or random (each sample picks one, as mae-lite does)."""
+    hflip: float = 0.5
+    """Probability of a horizontal flip."""
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    """Per-channel mean in [0, 1], subtracted on the device."""
+    std: Tuple[float, float, float] = IMAGENET_STD
+    """Per-channel std in [0, 1], divided on the device."""
+    pin_memory: bool = True
+    """Pin host batches so the uint8 host-to-device copy is asynchronous (CUDA only)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"data.backend: unknown backend {self.backend!r}; expected one of {', '.join(BACKENDS)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"data.interpolation: unknown filter {self.interpolation!r}; expected one of {', '.join(INTERPOLATIONS)}"
+            )
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"data.crop_scale: need 0 < low <= high <= 1, got {self.crop_scale}")
+        lo, hi = self.crop_ratio
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"data.crop_ratio: need 0 < low <= high, got {self.crop_ratio}")
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ValueError(f"data.hflip: a probability in [0, 1] is expected, got {self.hflip}")
+        if self.workers < 0:
+            raise ValueError(f"data.workers: must be >= 0, got {self.workers}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"data.std: every value must be > 0, got {self.std}")

@@ -1,0 +1,125 @@
+"""The reference ("peer") pipeline: torchvision ImageFolder + PIL decoding in DataLoader workers, with
+mae-lite's pre-training augmentation. Every faster backend is measured against this one."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, List, Tuple
+
+import torch
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+from .base import Batch, DecodeError, DeviceNormalize, EpochShardSampler, Loader, sample_seed
+from .config import PipelineConfig
+
+_FILTERS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+
+
+def scan_folder(root: str | Path) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """(path, label) for every image under ROOT/<class>/, and the sorted class names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root} (expected ROOT/<class>/<image> files)")
+    try:
+        classes, class_to_idx = find_classes(str(root))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{root}: no class folders inside ({err})") from None
+    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise FileNotFoundError(f"{root}: no images found in its class folders (extensions: {', '.join(IMG_EXTENSIONS)})")
+    return samples, classes
+
+
+def train_transform(cfg: PipelineConfig, img_size: int) -> v2.Transform:
+    """RandomResizedCrop (scale, ratio, bilinear/bicubic/random filter) + horizontal flip -> uint8 CHW."""
+    filters = list(_FILTERS) if cfg.interpolation == "random" else [cfg.interpolation]
+    crops = [
+        v2.RandomResizedCrop(img_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, interpolation=_FILTERS[f], antialias=True)
+        for f in filters
+    ]
+    return v2.Compose(
+        [crops[0] if len(crops) == 1 else v2.RandomChoice(crops), v2.RandomHorizontalFlip(cfg.hflip), v2.PILToTensor()]
+    )
+
+
+def eval_transform(img_size: int) -> v2.Transform:
+    """Resize the short side to img_size / 0.875 (256 for 224), then center-crop img_size."""
+    return v2.Compose(
+        [
+            v2.Resize(int(round(img_size / 0.875)), interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(img_size),
+            v2.PILToTensor(),
+        ]
+    )
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """Indexed by (index, epoch); each sample's augmentation is seeded from (seed, epoch, index)."""
+
+    def __init__(self, root: str | Path, transform, seed: int):
+        self.samples, self.classes = scan_folder(root)
+        self.transform, self.seed = transform, seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        index, epoch = key
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except Exception as err:  # PIL raises many types; the path is what the user needs
+            raise DecodeError(f"cannot decode image {path}: {type(err).__name__}: {err}") from err
+        # v2 transforms draw from torch's global RNG; this worker-local reseed pins them to the sample
+        torch.manual_seed(sample_seed(self.seed, epoch, index))
+        return self.transform(img), label
+
+
+class TorchvisionLoader(Loader):
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        *,
+        img_size: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device,
+        dtype: torch.dtype,
+        train: bool,
+        drop_last: bool,
+    ):
+        transform = train_transform(cfg, img_size) if train else eval_transform(img_size)
+        self.dataset = FolderDataset(cfg.path, transform, seed)
+        self.classes, self.num_samples = self.dataset.classes, len(self.dataset)
+        self.sampler = EpochShardSampler(len(self.dataset), rank, world_size, seed, shuffle=train)
+        self.batch_size, self.drop_last = batch_size, drop_last
+        workers = cfg.workers
+        self.to_device = DeviceNormalize(cfg.mean, cfg.std, device, dtype)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=cfg.pin_memory and self.to_device.device.type == "cuda",
+            drop_last=drop_last,
+            persistent_workers=workers > 0,
+            prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+            # a private generator: creating the iterator must not consume the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for images, labels in self.loader:
+            yield self.to_device(images, labels)

@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+extras = {
+    # GPU-side nvJPEG decoding; the CUDA 13 build also runs its CPU operators without a GPU
+    "dali": ["nvidia-dali-cuda130>=2.4"],
+    # builds from source: needs libturbojpeg0-dev libopencv-dev pkg-config (apt) first
+    "ffcv": ["ffcv==1.0.2"],
+    "deepspeed": ["deepspeed>=0.19"],
+    "dev": ["pytest>=8"],
+}
+extras["all"] = sorted({req for name in ("dali", "ffcv", "deepspeed") for req in extras[name]})
+
+setup(
+    name="fastvit_pt",
+    version="0.1.0",
+    description="Self-supervised pre-training of lightweight Vision Transformers (MAE-lite), built for throughput",
+    packages=find_packages(include=["fastvit_pt", "fastvit_pt.*", "pipelines", "pipelines.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "timm>=1.0",
+        "numpy",
+        "click>=8.1",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "pillow",
+    ],
+    extras_require=extras,
+    entry_points={"console_scripts": ["fastvit = fastvit_pt.cli:main"]},
+)
