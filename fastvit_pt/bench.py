@@ -55,7 +55,7 @@ def bench_model(
     batch: int = 64,
     img_size: int = 224,
     patch_size: int = 16,
-    precision: str = "bf16",
+    precision: str = "auto",
     attn: Sequence[str] = ("sdpa", "math"),
     steps: int = 10,
     warmup: int = 3,
@@ -69,10 +69,11 @@ def bench_model(
     from pipelines.base import Batch
 
     from .config import Config
-    from .distributed.env import pick_device
+    from .distributed.env import pick_device, resolve_precision
     from .methods import build_method
 
     dev = pick_device(device)
+    precision = resolve_precision(precision, dev)
     torch.manual_seed(0)
     images = torch.randn(batch, 3, img_size, img_size, device=dev)
     labels = torch.randint(0, 1000, (batch,), device=dev)

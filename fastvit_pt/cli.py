@@ -132,16 +132,18 @@ def data() -> None:
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--source", default="/usr/share/datasets/fashion-mnist", show_default=True,
               help="Folder with the IDX .gz files of the Debian package dataset-fashion-mnist.")
-def data_fashion_mnist(out_dir: str, source: str) -> None:
+@click.option("--per-class", type=int, default=None, help="Keep only the first N images of each class per split.")
+def data_fashion_mnist(out_dir: str, source: str, per_class: Optional[int]) -> None:
     """Write Fashion-MNIST as OUT_DIR/{train,test}/<class>/<n>.png (an ImageFolder tree)."""
     from tqdm import tqdm
 
     from pipelines.fashion_mnist import write_fashion_mnist
 
-    with tqdm(total=70_000, desc="fashion-mnist", unit="img", file=sys.stderr, mininterval=1.0) as bar:
-        counts = write_fashion_mnist(out_dir, source, progress=bar.update)
-    for split, per_class in counts.items():
-        click.echo(f"{Path(out_dir) / split}: {sum(per_class.values())} images in {len(per_class)} classes")
+    total = 70_000 if per_class is None else 20 * per_class
+    with tqdm(total=total, desc="fashion-mnist", unit="img", file=sys.stderr, mininterval=1.0) as bar:
+        counts = write_fashion_mnist(out_dir, source, per_class, progress=bar.update)
+    for split, class_counts in counts.items():
+        click.echo(f"{Path(out_dir) / split}: {sum(class_counts.values())} images in {len(class_counts)} classes")
 
 
 @main.group()
@@ -154,7 +156,8 @@ def bench() -> None:
 @click.option("--batch", default=64, show_default=True)
 @click.option("--img-size", default=224, show_default=True)
 @click.option("--patch-size", default=16, show_default=True)
-@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="auto: bf16 on CUDA and native-bf16 CPUs, else fp32.")
 @click.option("--attn", default="sdpa,math", show_default=True, help="Attention implementations to compare.")
 @click.option("--steps", default=10, show_default=True, help="Timed steps (the median is reported).")
 @click.option("--warmup", default=3, show_default=True)
@@ -173,7 +176,7 @@ def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, 
     with tqdm(total=steps * (len(impls) + (ref is not None)), desc="bench model", file=sys.stderr) as bar:
         res = bench_model(model, batch, img_size, patch_size, precision, impls, steps, warmup, device,
                           timm_reference=ref, progress=bar.update)
-    click.echo(f"{res['env']['device']}, torch {res['env']['torch']}, {precision}, batch {batch}, {img_size} px")
+    click.echo(f"{res['env']['device']}, torch {res['env']['torch']}, {res['precision']}, batch {batch}, {img_size} px")
     click.echo(f"{'case':58s} {'attn':>12s} {'img/s':>9s} {'ms/step':>9s} {'vs timm':>8s}")
     for r in res["runs"]:
         ratio = f"{r['ratio_vs_timm']:.2f}x" if r["ratio_vs_timm"] else "-"

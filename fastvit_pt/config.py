@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -17,7 +18,7 @@ import yaml
 
 from pipelines.config import PipelineConfig
 
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ENGINES = ("torch",)
 ATTN_IMPLS = ("auto", "sdpa", "math")
 
@@ -80,8 +81,9 @@ class EngineConfig:
     """Training engine: torch (single process or DDP under torchrun)."""
     device: str = "auto"
     """cuda, cpu, or auto (cuda when available)."""
-    precision: str = "bf16"
-    """Autocast dtype: bf16, fp16 (with dynamic loss scaling; CUDA only) or fp32."""
+    precision: str = "auto"
+    """Autocast dtype: bf16, fp16 (dynamic loss scaling; CUDA only), fp32, or auto: bf16 on CUDA and on CPUs
+    with native bf16 (avx512_bf16 / amx_bf16), fp32 on others, where bf16 matmuls are emulated and ~10x slower."""
     compile: bool = False
     """Wrap the method in torch.compile (costs about 20 s of compilation on CPU)."""
 
@@ -140,8 +142,14 @@ class Config:
             raise ConfigError(
                 f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch})"
             )
-        if self.optim.warmup_epochs < 0 or self.optim.warmup_epochs > t.epochs:
-            raise ConfigError(f"optim.warmup_epochs must be in [0, train.epochs={t.epochs}], got {self.optim.warmup_epochs}")
+        if self.optim.warmup_epochs < 0:
+            raise ConfigError(f"optim.warmup_epochs must be >= 0, got {self.optim.warmup_epochs}")
+        if self.optim.warmup_epochs > t.epochs:
+            warnings.warn(
+                f"optim.warmup_epochs ({self.optim.warmup_epochs:g}) exceeds train.epochs ({t.epochs}): "
+                "the learning rate never reaches its peak",
+                stacklevel=2,
+            )
         try:
             self.data.validate()
         except ValueError as err:

@@ -62,27 +62,36 @@ def load_split(split: str, source: Path = DEFAULT_SOURCE):
 
 
 def write_fashion_mnist(
-    out_dir: str | Path, source: str | Path = DEFAULT_SOURCE, progress: Optional[Callable[[int], None]] = None
+    out_dir: str | Path,
+    source: str | Path = DEFAULT_SOURCE,
+    per_class: Optional[int] = None,
+    progress: Optional[Callable[[int], None]] = None,
 ) -> Dict[str, Dict[str, int]]:
-    """Write both splits under out_dir; returns {split: {class: count}}. A finished tree is left as it is
-    (its marker file records the counts); each split is written under a temporary name, then renamed."""
+    """Write both splits under out_dir; returns {split: {class: count}}. per_class keeps the first N images
+    of each class per split (in file order). A finished tree with the same settings is left as it is (its
+    marker file records them); each split is written under a temporary name, then renamed."""
     from PIL import Image
 
     out_dir, source = Path(out_dir), Path(source)
     marker = out_dir / _MARKER
     if marker.is_file():
         done = json.loads(marker.read_text())
-        if all((out_dir / s).is_dir() for s in _SPLITS) and done.get("source") == str(source):
+        same = done.get("source") == str(source) and done.get("per_class") == per_class
+        if same and all((out_dir / s).is_dir() for s in _SPLITS):
             return done["counts"]
     out_dir.mkdir(parents=True, exist_ok=True)
     counts: Dict[str, Dict[str, int]] = {}
     for split in _SPLITS:
         images, labels = load_split(split, source)
+        if per_class is not None:
+            keep = np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in range(len(CLASSES))])
+            keep.sort()
+            images, labels = images[keep], labels[keep]
         tmp = out_dir / f".{split}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         for name in CLASSES:
             (tmp / name).mkdir(parents=True)
-        for i, (img, lab) in enumerate(zip(images, labels)):
+        for i, (img, lab) in enumerate(zip(images, labels)):  # i: position in the kept subset
             Image.fromarray(img).save(tmp / CLASSES[lab] / f"{i:05d}.png", compress_level=1)
             if progress is not None:
                 progress(1)
@@ -90,5 +99,5 @@ def write_fashion_mnist(
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         counts[split] = {CLASSES[k]: int(c) for k, c in zip(*np.unique(labels, return_counts=True))}
-    marker.write_text(json.dumps({"source": str(source), "counts": counts}, indent=1))
+    marker.write_text(json.dumps({"source": str(source), "per_class": per_class, "counts": counts}, indent=1))
     return counts

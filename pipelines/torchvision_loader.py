@@ -2,6 +2,7 @@
 mae-lite's pre-training augmentation. Every faster backend is measured against this one."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
@@ -73,9 +74,12 @@ class FolderDataset(torch.utils.data.Dataset):
                 img = im.convert("RGB")
         except Exception as err:  # PIL raises many types; the path is what the user needs
             raise DecodeError(f"cannot decode image {path}: {type(err).__name__}: {err}") from err
-        # v2 transforms draw from torch's global RNG; this worker-local reseed pins them to the sample
-        torch.manual_seed(sample_seed(self.seed, epoch, index))
-        return self.transform(img), label
+        # v2 transforms draw from torch's global RNG; reseeding pins them to the sample. In a worker that RNG
+        # is private; in the main process (workers=0) it is the training's, so fork it instead of clobbering it.
+        in_worker = torch.utils.data.get_worker_info() is not None
+        with contextlib.nullcontext() if in_worker else torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(img), label
 
 
 class TorchvisionLoader(Loader):

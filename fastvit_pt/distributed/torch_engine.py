@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..config import Config
 from ..engine.optim import WarmupCosine, build_adamw, param_groups, set_lr
-from .env import DistEnv
+from .env import DistEnv, resolve_precision
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -32,7 +32,7 @@ class TorchEngine:
     def __init__(self, method: nn.Module, cfg: Config, env: DistEnv, steps_per_epoch: int):
         self.cfg, self.env = cfg, env
         self.device = env.device
-        self.precision = cfg.engine.precision
+        self.precision = resolve_precision(cfg.engine.precision, self.device)
         if self.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("engine.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
         self.dtype = DTYPES[self.precision]

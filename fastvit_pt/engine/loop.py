@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..config import Config, to_dict, to_yaml
-from ..distributed.env import DistEnv, init_distributed, shutdown_distributed
+from ..distributed.env import DistEnv, init_distributed, resolve_precision, shutdown_distributed
 from .checkpoint import (
     CheckpointError,
     checkpoint_path,
@@ -66,6 +66,7 @@ def build_training(cfg: Config, env: DistEnv):
     from ..methods import build_method
 
     accum = accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, env.world_size)
+    precision = resolve_precision(cfg.engine.precision, env.device)
     loader = pipelines.build_loader(
         cfg.data,
         img_size=cfg.model.img_size,
@@ -74,7 +75,7 @@ def build_training(cfg: Config, env: DistEnv):
         world_size=env.world_size,
         seed=cfg.train.seed,
         device=env.device,
-        dtype=DTYPES[cfg.engine.precision],
+        dtype=DTYPES[precision],
         train=True,
     )
     steps_per_epoch = len(loader) // accum
@@ -83,7 +84,7 @@ def build_training(cfg: Config, env: DistEnv):
             f"data.path {cfg.data.path} gives {len(loader)} micro-batches of {cfg.train.micro_batch} per rank per epoch, "
             f"fewer than one optimizer step of train.global_batch={cfg.train.global_batch}; lower the batch sizes"
         )
-    method = build_method(cfg, attn_impl=resolve_attn_impl(cfg.model.attn_impl, env.device, cfg.engine.precision))
+    method = build_method(cfg, attn_impl=resolve_attn_impl(cfg.model.attn_impl, env.device, precision))
     engine = TorchEngine(method, cfg, env, steps_per_epoch)
     return loader, method, engine, steps_per_epoch
 

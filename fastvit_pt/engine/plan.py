@@ -18,9 +18,10 @@ def describe_plan(cfg: Config) -> str:
     lines = [
         f"run directory   {t.out_dir}",
         f"method          {cfg.method.name} on {cfg.model.name} ({n_params / 1e6:.2f} M trainable parameters)",
-        f"attention       {resolve_attn_impl(cfg.model.attn_impl, env.device, cfg.engine.precision)} "
+        f"attention       {resolve_attn_impl(cfg.model.attn_impl, env.device, engine.precision)} "
         f"(model.attn_impl={cfg.model.attn_impl})",
-        f"device          {env.device}, {cfg.engine.precision}, world size {env.world_size}",
+        f"device          {env.device}, {engine.precision} (engine.precision={cfg.engine.precision}), "
+        f"world size {env.world_size}",
         f"data            {cfg.data.backend}: {loader.num_samples} images, {len(loader.classes)} classes in {cfg.data.path}",
         f"batch           {t.global_batch} global = {t.micro_batch} micro x {env.world_size} ranks x {engine.accum} accumulation",
         f"schedule        {t.epochs} epochs x {steps_per_epoch} steps = {t.epochs * steps_per_epoch} optimizer steps, "

@@ -1,0 +1,57 @@
+"""Shared fixtures: real data only (Fashion-MNIST from its Debian package, the shared photographs)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = Path(os.environ.get("FASTVIT_PHOTOS", REPO.parent / "shared" / "data" / "photos"))
+
+
+@pytest.fixture(scope="session")
+def fmnist_small(tmp_path_factory) -> Path:
+    """Real Fashion-MNIST, the first 100 train and 100 test images of each class, as an ImageFolder tree."""
+    from pipelines.fashion_mnist import write_fashion_mnist
+
+    root = tmp_path_factory.mktemp("fmnist")
+    write_fashion_mnist(root, per_class=100)
+    return root
+
+
+@pytest.fixture(scope="session")
+def photo_tree(tmp_path_factory) -> Path:
+    """The shared real photographs, spread over 3 class folders (symlinks)."""
+    photos = sorted(PHOTOS.glob("*.jpg"))
+    assert len(photos) >= 30, f"expected the shared photographs in {PHOTOS}"
+    root = tmp_path_factory.mktemp("photos")
+    for i, p in enumerate(photos):
+        d = root / f"class{i % 3}"
+        d.mkdir(exist_ok=True)
+        (d / p.name).symlink_to(p)
+    return root
+
+
+def tiny_mae_overrides(data_path: Path, out_dir: Path, **extra) -> list:
+    """A seconds-long MAE run on 28-px images with the test-size model."""
+    base = {
+        "model.name": "mae_vit_test",
+        "model.img_size": 28,
+        "model.patch_size": 4,
+        "data.path": str(data_path),
+        "data.workers": 0,
+        "data.crop_scale": "[0.4,1.0]",
+        "optim.blr": 1.0e-2,
+        "optim.warmup_epochs": 0,
+        "train.epochs": 3,
+        "train.global_batch": 100,
+        "train.micro_batch": 50,
+        "train.log_every": 2,
+        "train.tensorboard": False,
+        "train.out_dir": str(out_dir),
+        "engine.device": "cpu",
+        "engine.precision": "fp32",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,40 @@
+import math
+
+import pytest
+import torch
+
+from fastvit_pt.engine.optim import WarmupCosine, build_adamw, param_groups
+from fastvit_pt.models import create_model
+
+
+def test_no_weight_decay_on_biases_norms_and_1d():
+    m = create_model("mae_vit_test", img_size=32, patch_size=8)
+    decay, no_decay = param_groups(m, 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(n.endswith(".bias") or "norm" in n for n in undecayed), undecayed
+    assert "encoder.blocks.0.attn.qkv.weight" in decayed and "encoder.blocks.0.norm1.weight" in undecayed
+    assert "encoder.patch_embed.proj.weight" in decayed
+    # frozen sin-cos position embeddings are in no group at all
+    assert not any("pos_embed" in n for n in decayed | undecayed)
+    fine = param_groups(create_model("vit_test", img_size=32), 0.05, skip=("pos_embed", "cls_token"))
+    assert {names_ for names_ in ("pos_embed", "cls_token")} <= {
+        n for n, p in create_model("vit_test", img_size=32).named_parameters()}
+    assert len(fine[1]["params"]) == len(param_groups(create_model("vit_test", img_size=32), 0.05)[1]["params"]) + 2
+
+
+def test_adamw_betas_and_impl():
+    m = torch.nn.Linear(4, 4)
+    opt = build_adamw(param_groups(m, 0.05), 1e-3, (0.9, 0.95), 1e-8, torch.device("cpu"))
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["foreach"] is True
+
+
+def test_warmup_then_cosine():
+    s = WarmupCosine(peak=1.0, total=100, warmup=10, floor=0.1)
+    assert s(0) == 0.0 and s(5) == pytest.approx(0.5) and s(10) == pytest.approx(1.0)
+    assert s(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert s(100) == pytest.approx(0.1)
+    values = [s(i) for i in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))

@@ -1,0 +1,95 @@
+"""Every registered model at a small input size: shapes, a gradient on every trainable parameter, no NaN."""
+import pytest
+import torch
+
+from fastvit_pt.models import MaskedAutoencoderViT, VisionTransformer, create_model, list_models
+
+SMALL = dict(img_size=32, patch_size=16)  # 4 patches: real widths and depths, seconds on CPU
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_shapes_gradients_finite(name):
+    torch.manual_seed(0)
+    model = create_model(name, **SMALL)
+    x = torch.randn(2, 3, 32, 32)
+    if isinstance(model, MaskedAutoencoderViT):
+        loss, pred, mask = model(x, mask_ratio=0.5)
+        assert pred.shape == (2, 4, 16 * 16 * 3) and mask.shape == (2, 4)
+        assert mask.sum(1).tolist() == [2.0, 2.0]
+    else:
+        model = create_model(name, num_classes=7, **SMALL)
+        out = model(x)
+        assert out.shape == (2, 7)
+        loss = out.square().mean()
+    assert torch.isfinite(loss)
+    loss.backward()
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{name}: no gradient reached {pname}"
+            assert torch.isfinite(p.grad).all(), f"{name}: non-finite gradient in {pname}"
+        else:
+            assert pname.endswith("pos_embed"), f"{name}: unexpected frozen parameter {pname}"
+
+
+def test_unknown_model_lists_known_names():
+    with pytest.raises(ValueError, match=r"unknown model 'vit_tiny_patch61'\. Did you mean 'vit_tiny_patch16'.*vit_base_patch16"):
+        create_model("vit_tiny_patch61")
+
+
+@pytest.mark.parametrize(
+    "name,dim,heads,dec",
+    [
+        ("mae_vit_tiny_patch16", 192, 12, (96, 1, 3)),
+        ("mae_vit_small_patch16", 384, 12, (192, 1, 6)),
+        ("mae_vit_base_patch16", 768, 12, (512, 8, 16)),
+    ],
+)
+def test_mae_lite_sizes(name, dim, heads, dec):
+    m = create_model(name, **SMALL)
+    enc = m.encoder
+    assert (enc.embed_dim, enc.depth, enc.num_heads) == (dim, 12, heads)
+    blk = enc.blocks[0]
+    assert blk.attn.qkv.bias is not None and blk.norm1.eps == 1e-6 and blk.mlp.fc1.out_features == 4 * dim
+    d = m.decoder_blocks[0]
+    assert (m.decoder_embed.out_features, len(m.decoder_blocks), d.attn.num_heads) == dec
+
+
+def test_vit_tiny_matches_timm_keys_and_logits():
+    timm = pytest.importorskip("timm")
+    for pool in ("token", "avg"):
+        ours = create_model("vit_tiny_patch16", global_pool=pool, num_classes=10).eval()
+        ref = timm.create_model("vit_tiny_patch16_224", num_heads=12, global_pool=pool, num_classes=10).eval()
+        ref.load_state_dict(ours.state_dict(), strict=True)
+        x = torch.randn(2, 3, 224, 224)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-5)
+
+
+def test_attention_logits_and_both_paths_agree():
+    torch.manual_seed(0)
+    sdpa = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, num_classes=0).eval()
+    math = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=4, num_classes=0,
+                             attn_impl="math").eval()
+    math.load_state_dict(sdpa.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens, logits = sdpa.forward_features(x, attn_layers=(0, -1))
+        torch.testing.assert_close(tokens, math.forward_features(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tokens, sdpa.forward_features(x), rtol=1e-5, atol=1e-5)
+    assert sorted(logits) == [0, 2]
+    assert logits[2].shape == (2, 4, 17, 17)
+    # logits are pre-softmax q.k^T/sqrt(d): recompute block 0's by hand
+    blk = sdpa.blocks[0]
+    h = blk.norm1(sdpa.prepend_cls(sdpa.embed_patches(x)))
+    q, k, _ = blk.attn.qkv(h).reshape(2, 17, 3, 4, 12).permute(2, 0, 3, 1, 4)
+    torch.testing.assert_close(logits[0], q @ k.transpose(-2, -1) / 12**0.5, rtol=1e-5, atol=1e-5)
+
+
+def test_max_depth_stops_early():
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=4, num_classes=0).eval()
+    x = m.prepend_cls(m.embed_patches(torch.randn(1, 3, 32, 32)))
+    with torch.no_grad():
+        partial, logits = m.forward_tokens(x, attn_layers=(1,), max_depth=2)
+        manual = m.blocks[1](m.blocks[0](x))
+    torch.testing.assert_close(partial, manual)
+    assert list(logits) == [1]

@@ -1,0 +1,65 @@
+"""The CLI as a user meets it: real subprocesses of the installed `fastvit` script."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from conftest import tiny_mae_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "fastvit_pt.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    code = (
+        "import sys, time; t = time.perf_counter(); from click.testing import CliRunner; from fastvit_pt.cli import main; "
+        "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output; "
+        "heavy = sorted(m for m in ('torch', 'timm', 'numpy', 'deepspeed', 'nvidia.dali', 'ffcv') if m in sys.modules); "
+        "print(heavy, time.perf_counter() - t)"
+    )
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "[]", f"--help imported {out}"
+    assert time.perf_counter() - t0 < 5.0  # generous: the real figure is ~0.1 s; the import check is the point
+
+
+def test_config_prints_resolved_yaml():
+    r = run("config", "recipes/mae_tiny_1600ep.yaml", "optim.blr=2e-4")
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["train"]["epochs"] == 1600 and cfg["optim"]["blr"] == 2e-4 and cfg["train"]["global_batch"] == 4096
+
+
+def test_bad_key_is_a_usage_error_with_a_suggestion():
+    r = run("config", "recipes/mae_tiny_400ep.yaml", "optim.warmup_epoch=5")
+    assert r.returncode == 2
+    assert "unknown config key 'optim.warmup_epoch'; did you mean 'optim.warmup_epochs'?" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_data_path_is_one_clear_line(tmp_path):
+    r = run("train", "recipes/demo/mae_fmnist.yaml", f"data.path={tmp_path / 'missing'}", "--out", str(tmp_path / "o"))
+    assert r.returncode == 1
+    assert f"Error: data folder not found: {tmp_path / 'missing'}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dry_run_and_train_end_to_end(fmnist_small, tmp_path):
+    over = tiny_mae_overrides(fmnist_small / "train", tmp_path / "run", **{"train.epochs": 1})
+    r = run("train", "recipes/demo/mae_fmnist.yaml", *over, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "1000 images, 10 classes" in r.stdout and "100 global = 50 micro x 1 ranks x 2 accumulation" in r.stdout
+    assert not (tmp_path / "run").exists()
+    r = run("train", "recipes/demo/mae_fmnist.yaml", *over)
+    assert r.returncode == 0, r.stderr
+    assert "loss:" in r.stdout and "img/s" in r.stdout and "checkpoint-0001.pt" in r.stdout
+    r = run("analyze", "recon", str(tmp_path / "run"), "--data", str(fmnist_small / "test"), "-n", "4")
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    im = Image.open(tmp_path / "run" / "recon.png")
+    assert im.size == (4 * 28 * 9, 4 * 28 * 9)  # 4 columns x 4 rows of 28 px, scaled 9x
