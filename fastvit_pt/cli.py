@@ -89,6 +89,8 @@ def train(recipe: str, overrides: List[str], resume: Optional[str], out: Optiona
         raise click.ClickException(str(err)) from None
     from .engine.metrics import summarize_run
 
+    if not res.is_main:
+        return
     done = summarize_run(res.run_dir)
     if res.epochs_run == 0:
         click.echo(f"nothing to do: {res.run_dir} has already trained all {cfg.train.epochs} epochs")

@@ -29,8 +29,10 @@ def build_loader(
     dtype: "torch.dtype | None" = None,
     train: bool = True,
     drop_last: bool = True,
+    shuffle: "bool | None" = None,
 ) -> "Loader":
-    """Build the configured backend. Heavy libraries are imported here, only for the backend asked for."""
+    """Build the configured backend. Heavy libraries are imported here, only for the backend asked for.
+    train picks the augmentation (training crops vs resize + center crop); shuffle defaults to train."""
     import torch
 
     cfg.validate()
@@ -44,6 +46,7 @@ def build_loader(
         dtype=dtype or torch.float32,
         train=train,
         drop_last=drop_last,
+        shuffle=train if shuffle is None else shuffle,
     )
     if cfg.backend == "torchvision":
         from .torchvision_loader import TorchvisionLoader

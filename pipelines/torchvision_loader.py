@@ -96,11 +96,12 @@ class TorchvisionLoader(Loader):
         dtype: torch.dtype,
         train: bool,
         drop_last: bool,
+        shuffle: bool,
     ):
         transform = train_transform(cfg, img_size) if train else eval_transform(img_size)
         self.dataset = FolderDataset(cfg.path, transform, seed)
         self.classes, self.num_samples = self.dataset.classes, len(self.dataset)
-        self.sampler = EpochShardSampler(len(self.dataset), rank, world_size, seed, shuffle=train)
+        self.sampler = EpochShardSampler(len(self.dataset), rank, world_size, seed, shuffle=shuffle)
         self.batch_size, self.drop_last = batch_size, drop_last
         workers = cfg.workers
         self.to_device = DeviceNormalize(cfg.mean, cfg.std, device, dtype)

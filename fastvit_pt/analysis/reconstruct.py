@@ -39,8 +39,9 @@ def save_reconstructions(
     if data_path:
         cfg.data.path = data_path
     cfg.data.workers = 0
+    # evaluation crops, but a seeded shuffle: the first images of a class-sorted folder are all one class
     loader = pipelines.build_loader(cfg.data, img_size=cfg.model.img_size, batch_size=num, seed=seed, train=False,
-                                    drop_last=False)
+                                    drop_last=False, shuffle=True)
     batch = next(iter(loader))
     torch.manual_seed(seed)
     with torch.no_grad():

@@ -22,23 +22,41 @@ def checkpoint_path(run_dir: str | Path, epoch: int) -> Path:
 
 
 def rng_state() -> Dict[str, Any]:
+    """Every RNG this process draws from, as plain Python (bytes, ints): it pickles across ranks with
+    all_gather_object and loads under weights_only=True."""
     np_state = np.random.get_state(legacy=False)
     return {
         "python": random.getstate(),
-        "numpy": {**np_state, "state": {k: torch.as_tensor(np.asarray(v)) for k, v in np_state["state"].items()}},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": np_state["state"]["key"].tolist(),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": bytes(torch.get_rng_state().numpy()),
+        "cuda": [bytes(s.numpy()) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
     }
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(_as_tuple(state["python"]))
-    np_state = dict(state["numpy"])
-    np_state["state"] = {k: v.numpy() if v.ndim else int(v) for k, v in np_state["state"].items()}
-    np.random.set_state(np_state)
-    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": n["bit_generator"],
+            "state": {"key": np.asarray(n["key"], dtype=np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
+    torch.set_rng_state(_byte_tensor(state["torch"]))
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_byte_tensor(b) for b in state["cuda"]])
+
+
+def _byte_tensor(b: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8)
 
 
 def _as_tuple(x):

@@ -38,6 +38,7 @@ class TrainResult:
     checkpoint: Optional[Path]
     epochs_run: int
     steps: int
+    is_main: bool = True  # rank 0: the process that reports
     first_loss: Optional[float] = None
     last_loss: Optional[float] = None
     img_per_s: Optional[float] = None
@@ -153,7 +154,7 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     logger = MetricLogger(run_dir, env.is_main, t.tensorboard, append=state is not None)
     imgs_per_micro = t.micro_batch * env.world_size
-    result = TrainResult(run_dir, resume_path, 0, engine.global_step)
+    result = TrainResult(run_dir, resume_path, 0, engine.global_step, env.is_main)
     last_saved = resume_path
     rates: List[float] = []
     total_steps = t.epochs * steps_per_epoch
