@@ -315,5 +315,12 @@ def to_dict(cfg: Config) -> Dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
+class _Dumper(yaml.SafeDumper):
+    """Block style for sections, flow style for the short lists of numbers ([0.9, 0.95])."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)

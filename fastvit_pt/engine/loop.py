@@ -147,6 +147,9 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
         if len(rngs) == env.world_size:
             set_rng_state(rngs[env.rank])
         else:
+            if env.is_main:
+                print(f"resuming {len(rngs)}-rank RNG states on {env.world_size} ranks: RNGs are reseeded, so masks "
+                      "differ from an uninterrupted run (the data order does not depend on it)", file=sys.stderr)
             seed_everything(t.seed + env.rank + 1_000_003 * (state["epoch"] + 1))
         start_epoch = state["epoch"] + 1
     if env.is_main:
@@ -209,14 +212,14 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
             result.epochs_run += 1
             result.steps = engine.global_step
             if (epoch + 1) % t.save_every_epochs == 0 or epoch + 1 == t.epochs:
-                state = {
+                snapshot = {
                     "engine": engine.state_dict(),
                     "epoch": epoch,
                     "rng": _gather_rng(env),
                     "config": to_dict(cfg),
                 }
                 if env.is_main:
-                    last_saved = save_checkpoint(checkpoint_path(run_dir, epoch + 1), state)
+                    last_saved = save_checkpoint(checkpoint_path(run_dir, epoch + 1), snapshot)
                     prune_checkpoints(run_dir, t.keep_checkpoints)
     finally:
         logger.close()
