@@ -63,3 +63,16 @@ def test_dry_run_and_train_end_to_end(fmnist_small, tmp_path):
 
     im = Image.open(tmp_path / "run" / "recon.png")
     assert im.size == (4 * 28 * 9, 4 * 28 * 9)  # 4 columns x 4 rows of 28 px, scaled 9x
+
+
+def test_bench_model_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run("bench", "model", "--model", "mae_vit_test", "--img-size", "32", "--batch", "4", "--steps", "2",
+            "--warmup", "1", "--precision", "fp32", "--timm-ref", "none", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    import json
+
+    res = json.loads(out.read_text())
+    assert res["model"] == "mae_vit_test" and res["batch"] == 4 and res["img_per_s"] > 0
+    assert [row["attn"] for row in res["runs"]] == ["sdpa", "math"]
+    assert "math" in r.stdout and "sdpa" in r.stdout

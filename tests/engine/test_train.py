@@ -116,3 +116,19 @@ def test_accumulation_matches_one_big_batch(fmnist_small, tmp_path):
     assert losses[50] == pytest.approx(losses[100], rel=1e-6)
     for name, g in grads[100].items():
         torch.testing.assert_close(grads[50][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_clipping_and_tensorboard_are_logged(fmnist_small, tmp_path):
+    run = tmp_path / "run"
+    over = tiny_mae_overrides(fmnist_small / "train", run, **{"train.epochs": 1, "optim.clip_grad": 0.5,
+                                                              "train.tensorboard": True})
+    train(load_config(None, over))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 and math.isfinite(r["grad_norm"]) for r in rows)
+    assert {"step", "epoch", "lr", "img_per_s", "loss"} <= set(rows[0])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert {"loss", "lr", "img_per_s", "grad_norm"} <= set(acc.Tags()["scalars"])
+    assert [e.value for e in acc.Scalars("loss")] == pytest.approx([r["loss"] for r in rows])
