@@ -52,4 +52,12 @@ def build_loader(
         from .torchvision_loader import TorchvisionLoader
 
         return TorchvisionLoader(cfg, **kwargs)
-    raise NotImplementedError(f"data.backend={cfg.backend!r} is not built yet; use data.backend=torchvision")
+    if cfg.backend == "dali":
+        try:
+            from .dali_loader import DaliLoader
+        except ImportError as err:
+            raise ImportError(
+                f"data.backend=dali needs NVIDIA DALI ({err}); install it with: pip install 'fastvit_pt[dali]'"
+            ) from err
+        return DaliLoader(cfg, **kwargs)
+    raise NotImplementedError(f"data.backend={cfg.backend!r} is not built yet; use data.backend=torchvision or dali")

@@ -7,7 +7,7 @@ and normalise on the device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, List, Sequence
 
 import torch
 
@@ -99,6 +99,10 @@ class Loader:
     num_samples: int
 
     def set_epoch(self, epoch: int) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def epoch_indices(self) -> List[int]:  # pragma: no cover - interface
+        """This rank's sample indices for the current epoch, in the order they are read."""
         raise NotImplementedError
 
     def __len__(self) -> int:  # pragma: no cover - interface

@@ -19,11 +19,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass
 class PipelineConfig:
     backend: str = "torchvision"
-    """One of: torchvision (PIL reference), ffcv, dali."""
+    """torchvision (PIL in DataLoader workers, the reference) or dali (nvJPEG on a GPU, CPU operators without one)."""
     path: str = ""
     """Training data: a class-folder tree (ImageNet layout: ROOT/<class>/<image>)."""
     workers: int = 8
-    """Decoding worker processes per rank."""
+    """Decoding workers per rank: DataLoader processes (torchvision) or DALI CPU threads (dali)."""
     crop_scale: Tuple[float, float] = (0.08, 1.0)
     """RandomResizedCrop area range, as a fraction of the source image (mae-lite: 0.08-1)."""
     crop_ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
@@ -39,7 +39,9 @@ class PipelineConfig:
     pin_memory: bool = True
     """Pin host batches so the uint8 host-to-device copy is asynchronous (CUDA only)."""
     prefetch_factor: int = 2
-    """Batches each worker prepares ahead."""
+    """Batches each worker prepares ahead (torchvision) or the pipeline queue depth (dali)."""
+    dali_hw_decoder_load: float = 0.65
+    """dali on a GPU: share of JPEG decoding sent to the hardware decoder (A100/H100), the rest to CUDA nvJPEG."""
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -56,6 +58,8 @@ class PipelineConfig:
             raise ValueError(f"data.crop_ratio: need 0 < low <= high, got {self.crop_ratio}")
         if not 0.0 <= self.hflip <= 1.0:
             raise ValueError(f"data.hflip: a probability in [0, 1] is expected, got {self.hflip}")
+        if not 0.0 <= self.dali_hw_decoder_load <= 1.0:
+            raise ValueError(f"data.dali_hw_decoder_load: a fraction in [0, 1] is expected, got {self.dali_hw_decoder_load}")
         if self.workers < 0:
             raise ValueError(f"data.workers: must be >= 0, got {self.workers}")
         if any(s <= 0 for s in self.std):

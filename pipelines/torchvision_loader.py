@@ -4,33 +4,18 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Iterator, Tuple
 
 import torch
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
 from .base import Batch, DecodeError, DeviceNormalize, EpochShardSampler, Loader, sample_seed
 from .config import PipelineConfig
+from .folder import scan_folder
 
 _FILTERS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
-
-
-def scan_folder(root: str | Path) -> Tuple[List[Tuple[str, int]], List[str]]:
-    """(path, label) for every image under ROOT/<class>/, and the sorted class names."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root} (expected ROOT/<class>/<image> files)")
-    try:
-        classes, class_to_idx = find_classes(str(root))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{root}: no class folders inside ({err})") from None
-    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
-    if not samples:
-        raise FileNotFoundError(f"{root}: no images found in its class folders (extensions: {', '.join(IMG_EXTENSIONS)})")
-    return samples, classes
 
 
 def train_transform(cfg: PipelineConfig, img_size: int) -> v2.Transform:
@@ -120,6 +105,9 @@ class TorchvisionLoader(Loader):
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
+
+    def epoch_indices(self):
+        return [i for i, _ in self.sampler]
 
     def __len__(self) -> int:
         n = len(self.sampler)

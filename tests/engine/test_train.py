@@ -32,14 +32,16 @@ def test_short_run_lowers_the_loss(fmnist_small, tmp_path):
     assert set(ckpt["engine"]) >= {"model", "optimizer", "scaler", "global_step"}
 
 
-def test_resume_is_exact(fmnist_small, tmp_path):
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_resume_is_exact(fmnist_small, tmp_path, backend):
     data = fmnist_small / "train"
     full = tmp_path / "full"
-    train(load_config(None, tiny_mae_overrides(data, full)))
+    be = {"data.backend": backend, "data.workers": 0 if backend == "torchvision" else 2}
+    train(load_config(None, tiny_mae_overrides(data, full, **be)))
     part = tmp_path / "part"
-    first = train(load_config(None, tiny_mae_overrides(data, part, **{"train.stop_after_epochs": 1})))
+    first = train(load_config(None, tiny_mae_overrides(data, part, **be, **{"train.stop_after_epochs": 1})))
     assert first.epochs_run == 1
-    second = train(load_config(None, tiny_mae_overrides(data, part)), resume="latest")
+    second = train(load_config(None, tiny_mae_overrides(data, part, **be)), resume="latest")
     assert second.epochs_run == 2
     assert _losses(part) == _losses(full)  # bit-identical, not merely close
     a = load_checkpoint(latest_checkpoint(full))["engine"]["model"]
