@@ -189,6 +189,35 @@ def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, 
         click.echo(f"wrote {json_path}")
 
 
+@bench.command("loader")
+@click.option("--data", "data_path", required=True, type=click.Path(file_okay=False), help="Class-folder tree.")
+@click.option("--backends", default="torchvision,dali", show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Decoding workers (processes or DALI threads).")
+@click.option("--batch", default=64, show_default=True)
+@click.option("--img-size", default=224, show_default=True)
+@click.option("--epochs", default=3, show_default=True, help="Timed epochs after one warm-up epoch (median reported).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
+def bench_loader_cmd(data_path, backends, workers, batch, img_size, epochs, device, json_path):
+    """Loader-only img/s per backend, the decode-only ceiling, and each backend's ratio to torchvision."""
+    from .bench import bench_loader
+
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    res = bench_loader(data_path, names, workers, batch, img_size, epochs, device,
+                       progress=lambda msg: click.echo(msg, err=True))
+    click.echo(f"{res['images']} images in {data_path}, {workers} workers, batch {batch}, {img_size} px, "
+               f"median of {epochs} epochs after a warm-up epoch")
+    click.echo(f"{'backend':14s} {'img/s':>9s} {'vs torchvision':>15s}")
+    for name, r in res["backends"].items():
+        ratio = f"{r['ratio_vs_torchvision']:.2f}x" if r["ratio_vs_torchvision"] else "-"
+        click.echo(f"{name:14s} {r['img_per_s']:9.1f} {ratio:>15s}")
+    click.echo(f"{'decode only':14s} {res['decode_only_img_per_s']:9.1f}   (ceiling: decode at stored size, no augmentation)")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(res, indent=2))
+        click.echo(f"wrote {json_path}")
+
+
 @main.group()
 def analyze() -> None:
     """Look inside a trained model."""

@@ -76,3 +76,17 @@ def test_bench_model_writes_json(tmp_path):
     assert res["model"] == "mae_vit_test" and res["batch"] == 4 and res["img_per_s"] > 0
     assert [row["attn"] for row in res["runs"]] == ["sdpa", "math"]
     assert "math" in r.stdout and "sdpa" in r.stdout
+
+
+def test_bench_loader_writes_json(photo_tree, tmp_path):
+    out = tmp_path / "loader.json"
+    r = run("bench", "loader", "--data", str(photo_tree), "--backends", "torchvision,dali", "--workers", "2",
+            "--batch", "8", "--img-size", "64", "--epochs", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    import json
+
+    res = json.loads(out.read_text())
+    assert set(res["backends"]) == {"torchvision", "dali"} and res["images"] == 59
+    assert res["backends"]["torchvision"]["ratio_vs_torchvision"] == 1.0
+    assert all(b["img_per_s"] > 0 for b in res["backends"].values()) and res["decode_only_img_per_s"] > 0
+    assert "dali" in r.stdout and "decode only" in r.stdout
