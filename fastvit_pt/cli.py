@@ -41,7 +41,7 @@ def _is_user_error(err: Exception) -> bool:
     from .engine.checkpoint import CheckpointError
     from .engine.loop import NonFiniteLossError
 
-    return isinstance(err, (FileNotFoundError, ValueError, CheckpointError, NonFiniteLossError, DecodeError))
+    return isinstance(err, (FileNotFoundError, ValueError, ImportError, CheckpointError, NonFiniteLossError, DecodeError))
 
 
 def _first_line_of_worker_error(msg: str) -> str:
@@ -146,6 +146,47 @@ def data_fashion_mnist(out_dir: str, source: str, per_class: Optional[int]) -> N
         counts = write_fashion_mnist(out_dir, source, per_class, progress=bar.update)
     for split, class_counts in counts.items():
         click.echo(f"{Path(out_dir) / split}: {sum(class_counts.values())} images in {len(class_counts)} classes")
+
+
+@main.command()
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--max-res", type=int, default=None, help="Longest side in pixels; larger images are resized.")
+@click.option("--quality", default=90, show_default=True, help="JPEG quality for images that are (re-)encoded.")
+@click.option("--mode", type=click.Choice(["jpg", "raw", "smart"]), default="jpg", show_default=True,
+              help="jpg: JPEG (baseline RGB JPEGs within --max-res keep their bytes); raw: pixels; smart: raw when small.")
+@click.option("--workers", default=0, show_default=True, help="Preparing processes (0 = every core).")
+@click.option("--limit", type=int, default=None, help="Convert only N files, spread evenly over all classes.")
+@click.option("--strict", is_flag=True, help="Fail (and leave no .beton) if any file has to be skipped.")
+def convert(src, out, max_res, quality, mode, workers, limit, strict):
+    """Convert a class-folder tree SRC (ImageNet layout) to an FFCV .beton OUT, with a manifest OUT.json."""
+    from tqdm import tqdm
+
+    from pipelines.beton import ConversionError, ConvertSettings, convert as run_convert, manifest_path
+
+    settings = ConvertSettings(max_res=max_res, quality=quality, mode=mode, workers=workers, limit=limit, strict=strict)
+    bar = None
+
+    def progress(stage, done, total):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="prepare", unit="img", file=sys.stderr, mininterval=0.5)
+        bar.update(done - bar.n)
+
+    t0 = time.perf_counter()
+    try:
+        m = run_convert(src, out, settings, progress)
+    except ConversionError as err:
+        raise click.ClickException(str(err)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    for x in m["skipped"]:
+        click.echo(f"skipped {x['path']}: {x['reason']}", err=True)
+    st = m["stored"]
+    click.echo(f"wrote {out}: {m['num_samples']} images in {len(m['classes'])} classes in {time.perf_counter() - t0:.1f} s "
+               f"({st['passthrough']} original JPEG bytes, {st['jpg']} re-encoded, {st['raw']} raw); "
+               f"{len(m['skipped'])} skipped; manifest {manifest_path(out)}")
 
 
 @main.group()

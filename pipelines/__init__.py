@@ -52,6 +52,12 @@ def build_loader(
         from .torchvision_loader import TorchvisionLoader
 
         return TorchvisionLoader(cfg, **kwargs)
+    if cfg.backend == "ffcv":
+        try:
+            from .ffcv_loader import FfcvLoader
+        except ImportError as err:
+            raise ImportError(f"data.backend=ffcv needs FFCV ({err}); install it with: pip install 'fastvit_pt[ffcv]'") from err
+        return FfcvLoader(cfg, **kwargs)
     if cfg.backend == "dali":
         try:
             from .dali_loader import DaliLoader
@@ -60,4 +66,4 @@ def build_loader(
                 f"data.backend=dali needs NVIDIA DALI ({err}); install it with: pip install 'fastvit_pt[dali]'"
             ) from err
         return DaliLoader(cfg, **kwargs)
-    raise NotImplementedError(f"data.backend={cfg.backend!r} is not built yet; use data.backend=torchvision or dali")
+    raise AssertionError(f"unreachable: PipelineConfig.validate() accepted backend {cfg.backend!r}")

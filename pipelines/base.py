@@ -43,7 +43,9 @@ class DeviceNormalize:
         x = images.to(self.device, non_blocking=non_blocking)
         # normalise in fp32, then cast: bf16 has too few mantissa bits for (x - mean) on 0..255 values
         x = ((x.float() - self.mean) * self.inv_std).to(self.dtype)
-        y = labels.to(self.device, non_blocking=non_blocking).long()
+        # copy=True: a backend may hand out views of buffers it reuses for later batches (FFCV does), and
+        # on the CPU an int64 .to() would alias them; a Batch owns its memory
+        y = labels.to(self.device, dtype=torch.int64, non_blocking=non_blocking, copy=True)
         return Batch(x, y)
 
 

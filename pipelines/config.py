@@ -19,11 +19,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass
 class PipelineConfig:
     backend: str = "torchvision"
-    """torchvision (PIL in DataLoader workers, the reference) or dali (nvJPEG on a GPU, CPU operators without one)."""
+    """torchvision (PIL in DataLoader workers, the reference), ffcv (.beton files) or dali (nvJPEG on a GPU)."""
     path: str = ""
-    """Training data: a class-folder tree (ImageNet layout: ROOT/<class>/<image>)."""
+    """Training data: a class-folder tree (ROOT/<class>/<image>), or for ffcv a .beton (`fastvit convert`)."""
     workers: int = 8
-    """Decoding workers per rank: DataLoader processes (torchvision) or DALI CPU threads (dali)."""
+    """Decoding workers per rank: DataLoader processes (torchvision), FFCV or DALI CPU threads."""
     crop_scale: Tuple[float, float] = (0.08, 1.0)
     """RandomResizedCrop area range, as a fraction of the source image (mae-lite: 0.08-1)."""
     crop_ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
@@ -40,6 +40,8 @@ class PipelineConfig:
     """Pin host batches so the uint8 host-to-device copy is asynchronous (CUDA only)."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead (torchvision) or the pipeline queue depth (dali)."""
+    ffcv_os_cache: bool = True
+    """ffcv: read the .beton through the OS page cache (best when it fits in RAM) instead of FFCV's own cache."""
     dali_hw_decoder_load: float = 0.65
     """dali on a GPU: share of JPEG decoding sent to the hardware decoder (A100/H100), the rest to CUDA nvJPEG."""
 

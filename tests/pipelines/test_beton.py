@@ -1,0 +1,113 @@
+"""`fastvit convert` on a messy tree: what is kept, what is skipped and why, pixels, labels, determinism."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from conftest import PHOTOS
+from messy_tree import KEEP, SKIP_REASONS, build
+from pipelines.beton import ConversionError, ConvertSettings, convert, manifest_path
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+    return build(sorted(PHOTOS.glob("*.jpg")), tmp_path_factory.mktemp("messy"))
+
+
+def read_back(beton):
+    """Every (image [H, W, 3], label) in file order, through FFCV's Reader: its metadata and allocation
+    table say where each payload is; raw payloads are pixels, jpg payloads are decoded with PIL."""
+    import io
+
+    from ffcv.reader import Reader
+
+    r = Reader(str(beton))
+    sizes = {int(ptr): int(size) for ptr, size in zip(r.alloc_table["ptr"], r.alloc_table["size"])}
+    blob = np.fromfile(beton, dtype=np.uint8)
+    out = []
+    for (mode, w, h, ptr), label in r.metadata.tolist():  # python ints: uint16 h * w * 3 overflows
+        data = blob[int(ptr) : int(ptr) + sizes[int(ptr)]]
+        if mode == 1:  # raw
+            img = data[: h * w * 3].reshape(h, w, 3)
+        else:
+            img = np.asarray(Image.open(io.BytesIO(data.tobytes())).convert("RGB"))
+        out.append((img, int(label)))
+    return out
+
+
+def test_messy_tree_keeps_every_decodable_image_and_names_every_skip(messy, tmp_path):
+    out = tmp_path / "messy.beton"
+    m = convert(messy, out, ConvertSettings(workers=2))
+    assert out.is_file() and json.loads(manifest_path(out).read_text()) == m
+    assert m["num_samples"] == KEEP and m["classes"] == ["n01_a", "n02_b"]
+    assert sum(m["counts_per_class"].values()) == KEEP
+    reasons = {x["path"].rsplit("/", 1)[-1]: x["reason"] for x in m["skipped"]}
+    assert set(reasons) == set(SKIP_REASONS)
+    for name, word in SKIP_REASONS.items():
+        assert reasons[name].startswith(word), (name, reasons[name])
+    assert m["stored"]["passthrough"] >= 6  # the ordinary baseline JPEGs keep their bytes
+    assert m["settings"]["page_size"] == 8 << 20  # jpg mode: the 6000-px JPEG fits a default page
+    assert not list(tmp_path.glob(".*"))  # no temporary or spill file left behind
+
+
+def test_round_trip_raw_pixels_labels_and_page_size(messy, tmp_path):
+    out = tmp_path / "raw.beton"
+    m = convert(messy, out, ConvertSettings(mode="raw", workers=2))
+    assert m["settings"]["page_size"] == 16 << 20  # the 6000 x 600 image (10.8 MB) needs a larger page
+    back = read_back(out)
+    assert len(back) == KEEP
+    kept = sorted(p for p in messy.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts[-2:])
+                  and p.name not in SKIP_REASONS)
+    assert len(kept) == KEEP
+    for (img, label), path in zip(back, kept):
+        assert label == ["n01_a", "n02_b"].index(path.parent.name)
+        with Image.open(path) as im:
+            if im.mode == "I;16":
+                continue  # scaled 16 -> 8 bit by the converter; checked below
+            want = ImageOps.exif_transpose(im)
+            if want.mode in ("RGBA", "P"):
+                want = Image.alpha_composite(Image.new("RGBA", want.size, "white"), want.convert("RGBA"))
+            want = np.asarray(want.convert("RGB"))
+        assert img.shape == want.shape, path.name
+        assert np.array_equal(img, want), path.name
+    rot = [img for (img, _), p in zip(back, kept) if p.name == "exif_rot.jpg"][0]
+    assert rot.shape[:2] == (300, 200)  # EXIF orientation 6 applied: 300 x 200 stored as 200 wide
+    g16 = [img for (img, _), p in zip(back, kept) if p.name == "gray16.png"][0]
+    assert g16[0, 0].tolist() == [0, 0, 0] and g16[-1, -1].tolist() == [255, 255, 255]
+
+
+def test_passthrough_stores_the_original_bytes(messy, tmp_path):
+    out = tmp_path / "jpg.beton"
+    convert(messy, out, ConvertSettings(workers=2))
+    blob = out.read_bytes()
+    plain = (messy / "n01_a" / "plain_1.jpg").read_bytes()
+    assert plain in blob  # byte for byte: no decode, no second lossy step
+    progressive = (messy / "n02_b" / "progressive.jpg").read_bytes()
+    assert progressive not in blob  # not baseline: decoded and re-encoded
+    small = tmp_path / "small.beton"
+    m = convert(messy, small, ConvertSettings(workers=2, max_res=64))
+    assert m["stored"]["passthrough"] == 0 and plain not in small.read_bytes()  # over --max-res: resized
+    assert all(max(img.shape[:2]) <= 64 for img, _ in read_back(small))
+
+
+def test_same_input_same_bytes(messy, tmp_path):
+    a, b = tmp_path / "a.beton", tmp_path / "b.beton"
+    convert(messy, a, ConvertSettings(workers=2))
+    convert(messy, b, ConvertSettings(workers=1))
+    assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
+
+
+def test_strict_fails_and_leaves_nothing(messy, tmp_path):
+    out = tmp_path / "strict.beton"
+    with pytest.raises(ConversionError, match=r"(?s)--strict: 3 file\(s\).*truncated\.jpg"):
+        convert(messy, out, ConvertSettings(workers=2, strict=True))
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_limit_spreads_over_classes(messy, tmp_path):
+    m = convert(messy, tmp_path / "lim.beton", ConvertSettings(workers=2, limit=6))
+    assert all(c > 0 for c in m["counts_per_class"].values())
+    with pytest.raises(FileNotFoundError, match="source folder not found"):
+        convert(tmp_path / "nope", tmp_path / "x.beton")
