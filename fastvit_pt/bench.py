@@ -175,6 +175,7 @@ def decode_only(paths: Sequence[str], workers: int) -> float:
 def bench_loader(
     data: str,
     backends: Sequence[str] = ("torchvision", "dali"),
+    beton: Optional[str] = None,
     workers: int = 2,
     batch: int = 64,
     img_size: int = 224,
@@ -194,7 +195,11 @@ def bench_loader(
     samples, classes = scan_folder(data)
     results: Dict[str, Dict] = {}
     for backend in backends:
-        cfg = pipelines.PipelineConfig(backend=backend, path=data, workers=workers)
+        if backend == "ffcv" and not beton:
+            raise ValueError("bench loader: the ffcv backend needs --beton FILE (made by `fastvit convert`)")
+        # ffcv resizes with INTER_AREA whatever it is told; the others draw bilinear/bicubic per sample
+        cfg = pipelines.PipelineConfig(backend=backend, path=beton if backend == "ffcv" else data, workers=workers,
+                                       interpolation="bilinear" if backend == "ffcv" else "random")
         loader = pipelines.build_loader(cfg, img_size=img_size, batch_size=batch, seed=0, device=dev)
         rates = []
         for epoch in range(epochs + 1):
@@ -220,6 +225,7 @@ def bench_loader(
         "decode_only_img_per_s": ceiling,
         "decode_only": "PIL (libjpeg-turbo) decode at stored size to RGB, no augmentation, same worker count",
         "data": data,
+        "beton": beton,
         "images": len(samples),
         "classes": len(classes),
         "workers": workers,
