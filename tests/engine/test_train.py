@@ -134,3 +134,17 @@ def test_clipping_and_tensorboard_are_logged(fmnist_small, tmp_path):
     acc.Reload()
     assert {"loss", "lr", "img_per_s", "grad_norm"} <= set(acc.Tags()["scalars"])
     assert [e.value for e in acc.Scalars("loss")] == pytest.approx([r["loss"] for r in rows])
+
+
+def test_ffcv_backend_trains(fmnist_small, tmp_path):
+    """The whole path through FFCV: convert real Fashion-MNIST to a .beton, pre-train from it."""
+    from pipelines.beton import ConvertSettings, convert
+
+    beton = tmp_path / "train.beton"
+    convert(fmnist_small / "train", beton, ConvertSettings(mode="raw", workers=2, strict=True))
+    over = tiny_mae_overrides(beton, tmp_path / "run", **{"data.backend": "ffcv", "data.workers": 1,
+                                                          "data.interpolation": "bilinear", "train.epochs": 4})
+    res = train(load_config(None, over))
+    assert res.steps == 40
+    losses = _losses(tmp_path / "run")
+    assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, losses
