@@ -32,6 +32,10 @@ class PipelineConfig:
     """Resize filter: bilinear, bicubic, or random (each sample picks one, as mae-lite does)."""
     hflip: float = 0.5
     """Probability of a horizontal flip."""
+    randaugment: str = ""
+    """Fine-tuning: a timm RandAugment spec (rand-m10-mstd0.5-inc1) applied after crop and flip; empty = off.
+    torchvision runs timm's own; dali runs fn rand_augment (n and m from the spec; mstd and inc have no DALI
+    equivalent); ffcv has no RandAugment and refuses."""
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     """Per-channel mean in [0, 1], subtracted on the device."""
     std: Tuple[float, float, float] = IMAGENET_STD
@@ -62,7 +66,29 @@ class PipelineConfig:
             raise ValueError(f"data.hflip: a probability in [0, 1] is expected, got {self.hflip}")
         if not 0.0 <= self.dali_hw_decoder_load <= 1.0:
             raise ValueError(f"data.dali_hw_decoder_load: a fraction in [0, 1] is expected, got {self.dali_hw_decoder_load}")
+        if self.randaugment:
+            parse_randaugment(self.randaugment)
         if self.workers < 0:
             raise ValueError(f"data.workers: must be >= 0, got {self.workers}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"data.std: every value must be > 0, got {self.std}")
+
+
+def parse_randaugment(spec: str) -> Tuple[int, int]:
+    """timm's "rand-m10-n2-mstd0.5-inc1" -> (n ops, magnitude m on timm's 0..10 scale); n defaults to 2."""
+    parts = spec.split("-")
+    if parts[0] != "rand" or len(parts) < 2:
+        raise ValueError(f"data.randaugment: expected a timm spec like rand-m10-mstd0.5-inc1, got {spec!r}")
+    n, m = 2, None
+    for p in parts[1:]:
+        key = p.rstrip("0123456789.")
+        val = p[len(key):]
+        if key not in ("m", "n", "mstd", "mmax", "inc", "w", "p") or not val:
+            raise ValueError(f"data.randaugment: unknown part {p!r} in {spec!r}")
+        if key == "m":
+            m = int(float(val))
+        elif key == "n":
+            n = int(val)
+    if m is None or not 0 <= m <= 10:
+        raise ValueError(f"data.randaugment: {spec!r} needs a magnitude m0..m10")
+    return n, m

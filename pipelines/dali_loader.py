@@ -19,7 +19,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from .base import Batch, DecodeError, DeviceNormalize, Loader, sample_seed, shard_indices
-from .config import PipelineConfig
+from .config import PipelineConfig, parse_randaugment
 from .folder import scan_folder
 
 _FILTERS = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
@@ -45,6 +45,13 @@ def _graph(files, labels, cfg: PipelineConfig, img_size: int, train: bool, gpu: 
             interp = _FILTERS[cfg.interpolation]
         imgs = fn.resize(imgs, resize_x=img_size, resize_y=img_size, interp_type=interp, antialias=True)
         mirror = fn.random.coin_flip(probability=cfg.hflip)
+        if cfg.randaugment:  # timm's m0..m10 scale = DALI's magnitude bins 0..10
+            from nvidia.dali.auto_aug import rand_augment
+
+            n, m = parse_randaugment(cfg.randaugment)
+            imgs = fn.flip(imgs, horizontal=mirror)
+            imgs = rand_augment.rand_augment(imgs, n=n, m=m, num_magnitude_bins=11)
+            mirror = 0
         return fn.crop_mirror_normalize(imgs, dtype=types.UINT8, output_layout="CHW", mirror=mirror), lab
     imgs = fn.decoders.image(jpegs, **decoder)
     imgs = fn.resize(imgs, resize_shorter=int(round(img_size / 0.875)), interp_type=types.INTERP_CUBIC, antialias=True)
@@ -99,6 +106,7 @@ class DaliLoader(Loader):
             device_id=self.to_device.device.index or 0 if self.gpu else None,
             seed=sample_seed(self.seed, self.epoch, self.rank) % 2**31,
             prefetch_queue_depth=max(1, self.cfg.prefetch_factor),
+            enable_conditionals=bool(self.cfg.randaugment),  # DALI's RandAugment picks its ops with `if`
         )
         def pipe():
             return _graph(files, labels, self.cfg, self.img_size, self.train, self.gpu)

@@ -60,6 +60,9 @@ class FfcvLoader(Loader):
             raise FileNotFoundError(
                 f"data.backend=ffcv reads a .beton file, and {path} is not one; make it with: fastvit convert SRC {path}"
             )
+        if train and cfg.randaugment:
+            raise ValueError(f"data.randaugment={cfg.randaugment!r}: FFCV has no RandAugment; use data.backend=torchvision "
+                             "or dali for fine-tuning with it")
         if train and cfg.interpolation != "bilinear":
             warnings.warn(f"data.interpolation={cfg.interpolation} has no effect on the ffcv backend: FFCV's "
                           "RandomResizedCrop decoder always resizes with cv2.INTER_AREA", stacklevel=3)

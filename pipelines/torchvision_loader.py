@@ -3,9 +3,11 @@ mae-lite's pre-training augmentation. Every faster backend is measured against t
 from __future__ import annotations
 
 import contextlib
+import random
 from pathlib import Path
 from typing import Iterator, Tuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
@@ -25,9 +27,13 @@ def train_transform(cfg: PipelineConfig, img_size: int) -> v2.Transform:
         v2.RandomResizedCrop(img_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, interpolation=_FILTERS[f], antialias=True)
         for f in filters
     ]
-    return v2.Compose(
-        [crops[0] if len(crops) == 1 else v2.RandomChoice(crops), v2.RandomHorizontalFlip(cfg.hflip), v2.PILToTensor()]
-    )
+    ops = [crops[0] if len(crops) == 1 else v2.RandomChoice(crops), v2.RandomHorizontalFlip(cfg.hflip)]
+    if cfg.randaugment:  # timm's own RandAugment on the PIL crop, as timm's create_transform orders it
+        from timm.data.auto_augment import rand_augment_transform
+
+        hparams = {"translate_const": int(img_size * 0.45), "img_mean": tuple(round(255 * x) for x in cfg.mean)}
+        ops.append(rand_augment_transform(cfg.randaugment, hparams))
+    return v2.Compose(ops + [v2.PILToTensor()])
 
 
 def eval_transform(img_size: int) -> v2.Transform:
@@ -59,12 +65,22 @@ class FolderDataset(torch.utils.data.Dataset):
                 img = im.convert("RGB")
         except Exception as err:  # PIL raises many types; the path is what the user needs
             raise DecodeError(f"cannot decode image {path}: {type(err).__name__}: {err}") from err
-        # v2 transforms draw from torch's global RNG; reseeding pins them to the sample. In a worker that RNG
-        # is private; in the main process (workers=0) it is the training's, so fork it instead of clobbering it.
+        # v2 transforms draw from torch's RNG, timm's RandAugment from python's and numpy's; reseeding all three
+        # pins them to the sample. In a worker they are private; in the main process (workers=0) they are the
+        # training's, so they are put back afterwards instead of clobbered.
         in_worker = torch.utils.data.get_worker_info() is not None
+        saved = None if in_worker else (random.getstate(), np.random.get_state())
         with contextlib.nullcontext() if in_worker else torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
-            return self.transform(img), label
+            seed = sample_seed(self.seed, epoch, index)
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            try:
+                return self.transform(img), label
+            finally:
+                if saved is not None:
+                    random.setstate(saved[0])
+                    np.random.set_state(saved[1])
 
 
 class TorchvisionLoader(Loader):

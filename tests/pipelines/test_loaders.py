@@ -27,7 +27,7 @@ def _source(root, backend):
 
 def _loader(root, backend="torchvision", **kw):
     cfg = PipelineConfig(backend=backend, path=str(_source(root, backend)), interpolation=kw.pop("interpolation", "random"),
-                         workers=kw.pop("workers", 0 if backend == "torchvision" else 2))
+                         workers=kw.pop("workers", 0 if backend == "torchvision" else 2), randaugment=kw.pop("randaugment", ""))
     args = dict(img_size=64, batch_size=8, seed=1, device="cpu", dtype=torch.float32)
     args.update(kw)
     return build_loader(cfg, **args)
@@ -124,12 +124,20 @@ def test_corrupt_image_names_the_file(photo_tree, tmp_path, backend):
 
 
 def test_in_process_loading_leaves_the_global_rng_alone(photo_tree):
-    """workers=0 runs the per-sample reseed in the training process: it must not move torch's global RNG."""
-    torch.manual_seed(123)
-    want = torch.rand(3)
-    torch.manual_seed(123)
-    next(iter(_loader(photo_tree, workers=0)))
-    assert torch.equal(torch.rand(3), want)
+    """workers=0 runs the per-sample reseed in the training process: it must not move the global RNGs."""
+    import random
+
+    import numpy as np
+
+    def draw():
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    for seed_all in (lambda: (torch.manual_seed(123), random.seed(123), np.random.seed(123)),):
+        seed_all()
+        want = draw()
+        seed_all()
+        next(iter(_loader(photo_tree, workers=0, randaugment="rand-m9")))
+        assert draw() == want
 
 
 def test_missing_or_empty_folder(tmp_path):
@@ -156,3 +164,22 @@ def test_a_batch_owns_its_memory():
     images.fill_(255)
     labels.fill_(7)
     assert b.labels.tolist() == [1, 2] and b.images.max().item() == -1.0
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_randaugment_changes_pixels_and_stays_seeded(photo_tree, backend):
+    plain = next(iter(_loader(photo_tree, backend, seed=3)))
+    ra = [next(iter(_loader(photo_tree, backend, seed=3, randaugment="rand-m10-mstd0.5-inc1"))) for _ in range(2)]
+    assert torch.equal(ra[0].labels, plain.labels)
+    assert not torch.equal(ra[0].images, plain.images)  # same crops, then RandAugment
+    assert torch.equal(ra[0].images, ra[1].images)  # and still a function of the seed
+
+
+def test_randaugment_spec_errors(photo_tree):
+    from pipelines.config import parse_randaugment
+
+    assert parse_randaugment("rand-m10-mstd0.5-inc1") == (2, 10) and parse_randaugment("rand-n3-m7") == (3, 7)
+    with pytest.raises(ValueError, match="expected a timm spec"):
+        _loader(photo_tree, randaugment="augmix-m5")
+    with pytest.raises(ValueError, match="FFCV has no RandAugment"):
+        _loader(photo_tree, "ffcv", randaugment="rand-m9", interpolation="bilinear")
