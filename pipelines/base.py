@@ -6,6 +6,7 @@ and normalise on the device.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterator, List, Sequence
 
@@ -92,6 +93,18 @@ class EpochShardSampler(torch.utils.data.Sampler):
         idx = shard_indices(self.n, self.rank, self.world_size, self.seed, self.epoch, self.shuffle)
         epoch = self.epoch
         return iter([(int(i), epoch) for i in idx])
+
+
+@contextlib.contextmanager
+def torch_threads_kept():
+    """Put torch's intra-op thread count back after the block: FFCV sets it (to 1 when imported, to its worker
+    count when a loader starts), which would leave training's matrix multiplies on one core."""
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
 
 
 class Loader:

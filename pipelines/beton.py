@@ -220,8 +220,11 @@ def convert(
     progress: Optional[Callable[[str, int, int], None]] = None,
 ) -> Dict:
     """Convert SRC to OUT (.beton) and write OUT's manifest (OUT + ".json"). Returns the manifest."""
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+    from .base import torch_threads_kept
+
+    with torch_threads_kept():  # importing ffcv sets torch's thread count to 1
+        from ffcv.fields import IntField, RGBImageField
+        from ffcv.writer import DatasetWriter
 
     s = settings or ConvertSettings()
     s.validate()

@@ -183,3 +183,11 @@ def test_randaugment_spec_errors(photo_tree):
         _loader(photo_tree, randaugment="augmix-m5")
     with pytest.raises(ValueError, match="FFCV has no RandAugment"):
         _loader(photo_tree, "ffcv", randaugment="rand-m9", interpolation="bilinear")
+
+
+def test_ffcv_leaves_torch_threads_alone(photo_tree):
+    """FFCV sets torch's thread count on import and per epoch; training must keep its cores."""
+    n = torch.get_num_threads()
+    loader = _loader(photo_tree, "ffcv", workers=1, interpolation="bilinear")
+    next(iter(loader))
+    assert torch.get_num_threads() == n
