@@ -36,13 +36,15 @@ def build_loader(
     import torch
 
     cfg.validate()
-    kwargs = dict(
+    from .base import LoaderArgs
+
+    args = LoaderArgs(
         img_size=img_size,
         batch_size=batch_size,
         rank=rank,
         world_size=world_size,
         seed=seed,
-        device=device,
+        device=torch.device(device),
         dtype=dtype or torch.float32,
         train=train,
         drop_last=drop_last,
@@ -51,13 +53,13 @@ def build_loader(
     if cfg.backend == "torchvision":
         from .torchvision_loader import TorchvisionLoader
 
-        return TorchvisionLoader(cfg, **kwargs)
+        return TorchvisionLoader(cfg, args)
     if cfg.backend == "ffcv":
         try:
             from .ffcv_loader import FfcvLoader
         except ImportError as err:
             raise ImportError(f"data.backend=ffcv needs FFCV ({err}); install it with: pip install 'fastvit_pt[ffcv]'") from err
-        return FfcvLoader(cfg, **kwargs)
+        return FfcvLoader(cfg, args)
     if cfg.backend == "dali":
         try:
             from .dali_loader import DaliLoader
@@ -65,5 +67,5 @@ def build_loader(
             raise ImportError(
                 f"data.backend=dali needs NVIDIA DALI ({err}); install it with: pip install 'fastvit_pt[dali]'"
             ) from err
-        return DaliLoader(cfg, **kwargs)
+        return DaliLoader(cfg, args)
     raise AssertionError(f"unreachable: PipelineConfig.validate() accepted backend {cfg.backend!r}")

@@ -50,6 +50,22 @@ class DeviceNormalize:
         return Batch(x, y)
 
 
+@dataclass(frozen=True)
+class LoaderArgs:
+    """What a backend is built with besides its PipelineConfig: runtime facts, not configuration."""
+
+    img_size: int
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    device: torch.device
+    dtype: torch.dtype
+    train: bool
+    drop_last: bool
+    shuffle: bool
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one sample's augmentation: a function of (seed, epoch, index) only, so the stream
     is the same whatever the worker count, and a resumed run sees exactly the augmentations it would have."""

@@ -18,7 +18,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from .base import Batch, DecodeError, DeviceNormalize, Loader, sample_seed, shard_indices
+from .base import Batch, DecodeError, DeviceNormalize, Loader, LoaderArgs, sample_seed, shard_indices
 from .config import PipelineConfig, parse_randaugment
 from .folder import scan_folder
 
@@ -59,26 +59,12 @@ def _graph(files, labels, cfg: PipelineConfig, img_size: int, train: bool, gpu: 
 
 
 class DaliLoader(Loader):
-    def __init__(
-        self,
-        cfg: PipelineConfig,
-        *,
-        img_size: int,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        device,
-        dtype: torch.dtype,
-        train: bool,
-        drop_last: bool,
-        shuffle: bool,
-    ):
-        self.cfg, self.img_size, self.batch_size, self.train = cfg, img_size, batch_size, train
-        self.rank, self.world_size, self.seed, self.shuffle, self.drop_last = rank, world_size, seed, shuffle, drop_last
+    def __init__(self, cfg: PipelineConfig, a: LoaderArgs):
+        self.cfg, self.img_size, self.batch_size, self.train = cfg, a.img_size, a.batch_size, a.train
+        self.rank, self.world_size, self.seed, self.shuffle, self.drop_last = a.rank, a.world_size, a.seed, a.shuffle, a.drop_last
         self.samples, self.classes = scan_folder(cfg.path)
         self.num_samples = len(self.samples)
-        self.to_device = DeviceNormalize(cfg.mean, cfg.std, device, dtype)
+        self.to_device = DeviceNormalize(cfg.mean, cfg.std, a.device, a.dtype)
         self.gpu = self.to_device.device.type == "cuda"
         self.epoch = 0
 

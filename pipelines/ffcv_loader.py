@@ -20,7 +20,7 @@ from typing import Iterator, List
 import numba
 import torch
 
-from .base import Batch, DeviceNormalize, Loader, shard_indices, torch_threads_kept
+from .base import Batch, DeviceNormalize, Loader, LoaderArgs, shard_indices, torch_threads_kept
 from .config import PipelineConfig
 
 with torch_threads_kept():  # importing ffcv sets torch's thread count to 1
@@ -55,57 +55,43 @@ class _ShardOrder(TraversalOrder):
 
 
 class FfcvLoader(Loader):
-    def __init__(
-        self,
-        cfg: PipelineConfig,
-        *,
-        img_size: int,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        device,
-        dtype: torch.dtype,
-        train: bool,
-        drop_last: bool,
-        shuffle: bool,
-    ):
+    def __init__(self, cfg: PipelineConfig, a: LoaderArgs):
         path = Path(cfg.path)
         if not path.is_file():
             raise FileNotFoundError(
                 f"data.backend=ffcv reads a .beton file, and {path} is not one; make it with: fastvit convert SRC {path}"
             )
-        if train and cfg.randaugment:
+        if a.train and cfg.randaugment:
             raise ValueError(f"data.randaugment={cfg.randaugment!r}: FFCV has no RandAugment; use data.backend=torchvision "
                              "or dali for fine-tuning with it")
-        if train and cfg.interpolation != "bilinear":
+        if a.train and cfg.interpolation != "bilinear":
             warnings.warn(f"data.interpolation={cfg.interpolation} has no effect on the ffcv backend: FFCV's "
                           "RandomResizedCrop decoder always resizes with cv2.INTER_AREA", stacklevel=3)
-        if train:
-            decoder = RandomResizedCropRGBImageDecoder((img_size, img_size), scale=tuple(cfg.crop_scale),
+        if a.train:
+            decoder = RandomResizedCropRGBImageDecoder((a.img_size, a.img_size), scale=tuple(cfg.crop_scale),
                                                        ratio=tuple(cfg.crop_ratio))
             image_ops: List = [decoder, RandomHorizontalFlip(cfg.hflip)]
         else:
-            image_ops = [CenterCropRGBImageDecoder((img_size, img_size), ratio=0.875)]
+            image_ops = [CenterCropRGBImageDecoder((a.img_size, a.img_size), ratio=0.875)]
         image_ops += [ToTensor(), ToTorchImage(channels_last=False)]
         self.loader = FFCVLoader(
             str(path),
-            batch_size=batch_size,
+            batch_size=a.batch_size,
             num_workers=max(1, cfg.workers),
             os_cache=cfg.ffcv_os_cache,
             order=OrderOption.SEQUENTIAL,
-            seed=seed,
-            drop_last=drop_last,
+            seed=a.seed,
+            drop_last=a.drop_last,
             batches_ahead=max(1, cfg.prefetch_factor),
             pipelines={"image": image_ops, "label": [IntDecoder(), ToTensor(), Squeeze(1)]},
         )
         # FFCV 1.0.2 cannot take a custom order class through its constructor (it checks isinstance, then
         # calls the instance); it reads the order from this attribute at every epoch, so set it here
-        self.loader.traversal_order = _ShardOrder(self.loader, rank, world_size, seed, shuffle)
+        self.loader.traversal_order = _ShardOrder(self.loader, a.rank, a.world_size, a.seed, a.shuffle)
         self.loader.first_traversal_order = self.loader.traversal_order.sample_order(0)
         self.num_samples = int(self.loader.reader.num_samples)
         self.classes = _classes(path)
-        self.to_device = DeviceNormalize(cfg.mean, cfg.std, device, dtype)
+        self.to_device = DeviceNormalize(cfg.mean, cfg.std, a.device, a.dtype)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

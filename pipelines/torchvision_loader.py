@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
-from .base import Batch, DecodeError, DeviceNormalize, EpochShardSampler, Loader, sample_seed
+from .base import Batch, DecodeError, DeviceNormalize, EpochShardSampler, Loader, LoaderArgs, sample_seed
 from .config import PipelineConfig
 from .folder import scan_folder
 
@@ -84,39 +84,25 @@ class FolderDataset(torch.utils.data.Dataset):
 
 
 class TorchvisionLoader(Loader):
-    def __init__(
-        self,
-        cfg: PipelineConfig,
-        *,
-        img_size: int,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        device,
-        dtype: torch.dtype,
-        train: bool,
-        drop_last: bool,
-        shuffle: bool,
-    ):
-        transform = train_transform(cfg, img_size) if train else eval_transform(img_size)
-        self.dataset = FolderDataset(cfg.path, transform, seed)
+    def __init__(self, cfg: PipelineConfig, a: LoaderArgs):
+        transform = train_transform(cfg, a.img_size) if a.train else eval_transform(a.img_size)
+        self.dataset = FolderDataset(cfg.path, transform, a.seed)
         self.classes, self.num_samples = self.dataset.classes, len(self.dataset)
-        self.sampler = EpochShardSampler(len(self.dataset), rank, world_size, seed, shuffle=shuffle)
-        self.batch_size, self.drop_last = batch_size, drop_last
+        self.sampler = EpochShardSampler(len(self.dataset), a.rank, a.world_size, a.seed, shuffle=a.shuffle)
+        self.batch_size, self.drop_last = a.batch_size, a.drop_last
         workers = cfg.workers
-        self.to_device = DeviceNormalize(cfg.mean, cfg.std, device, dtype)
+        self.to_device = DeviceNormalize(cfg.mean, cfg.std, a.device, a.dtype)
         self.loader = torch.utils.data.DataLoader(
             self.dataset,
-            batch_size=batch_size,
+            batch_size=a.batch_size,
             sampler=self.sampler,
             num_workers=workers,
             pin_memory=cfg.pin_memory and self.to_device.device.type == "cuda",
-            drop_last=drop_last,
+            drop_last=a.drop_last,
             persistent_workers=workers > 0,
             prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
             # a private generator: creating the iterator must not consume the global RNG (exact resume)
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator().manual_seed(a.seed),
         )
 
     def set_epoch(self, epoch: int) -> None:
