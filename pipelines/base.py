@@ -91,6 +91,12 @@ def shard_indices(n: int, rank: int, world_size: int, seed: int, epoch: int, shu
     return order[rank:usable:world_size]
 
 
+def batches_per_epoch(num_samples: int, world_size: int, batch_size: int, drop_last: bool) -> int:
+    """Batches one rank reads per epoch from its `shard_indices` shard (num_samples // world_size long)."""
+    n = num_samples // world_size
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
 class EpochShardSampler(torch.utils.data.Sampler):
     """Yields (index, epoch) pairs of this rank's shard, so a dataset's workers know the epoch without
     shared state (and persistent workers stay correct across epochs)."""

@@ -25,6 +25,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .folder import walk_classes
+
 MODES = ("jpg", "raw", "smart")
 _MIN_PAGE = 8 << 20  # FFCV's default page size
 
@@ -65,34 +67,9 @@ class ConversionError(RuntimeError):
 
 
 def scan_source(src: Path) -> Tuple[List[Tuple[str, int]], List[str], List[Dict[str, str]]]:
-    """(path, label) of every non-hidden file under SRC/<class>/, the sorted class names, and what was passed
-    over (hidden files and folders, files outside class folders), each with its reason."""
-    if not src.is_dir():
-        raise FileNotFoundError(f"source folder not found: {src} (expected SRC/<class>/<image> files)")
-    skipped: List[Dict[str, str]] = []
-    classes = []
-    for e in sorted(os.scandir(src), key=lambda e: e.name):
-        if e.name.startswith("."):
-            skipped.append({"path": e.path, "reason": "hidden " + ("folder" if e.is_dir() else "file")})
-        elif e.is_dir():
-            classes.append(e.name)
-        else:
-            skipped.append({"path": e.path, "reason": "not inside a class folder"})
-    if not classes:
-        raise FileNotFoundError(f"{src}: no class folders inside (expected SRC/<class>/<image> files)")
-    items: List[Tuple[str, int]] = []
-    for label, name in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(src / name, followlinks=True):
-            for d in sorted(d for d in dirnames if d.startswith(".")):
-                skipped.append({"path": os.path.join(dirpath, d), "reason": "hidden folder"})
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in sorted(filenames):
-                path = os.path.join(dirpath, f)
-                if f.startswith("."):
-                    skipped.append({"path": path, "reason": "hidden file"})
-                else:
-                    items.append((path, label))
-    return items, classes, skipped
+    """(path, label) of every non-hidden file under SRC/<class>/ (decodable or not: phase A finds out), the
+    sorted class names, and what was passed over (hidden files and folders, files outside class folders)."""
+    return walk_classes(src, kind="source", placeholder="SRC")
 
 
 # ------------------------------------------------------------------------------------- phase A: prepare

@@ -18,7 +18,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from .base import Batch, DecodeError, DeviceNormalize, Loader, LoaderArgs, sample_seed, shard_indices
+from .base import Batch, DecodeError, DeviceNormalize, Loader, LoaderArgs, batches_per_epoch, sample_seed, shard_indices
 from .config import PipelineConfig, parse_randaugment
 from .folder import scan_folder
 
@@ -71,12 +71,8 @@ class DaliLoader(Loader):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _shard_size(self) -> int:
-        return self.num_samples // self.world_size
-
     def __len__(self) -> int:
-        n = self._shard_size()
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return batches_per_epoch(self.num_samples, self.world_size, self.batch_size, self.drop_last)
 
     def epoch_indices(self):
         return shard_indices(self.num_samples, self.rank, self.world_size, self.seed, self.epoch, self.shuffle).tolist()

@@ -21,6 +21,7 @@ import numba
 import torch
 
 from .base import Batch, DeviceNormalize, Loader, LoaderArgs, shard_indices, torch_threads_kept
+from .beton import manifest_path
 from .config import PipelineConfig
 
 with torch_threads_kept():  # importing ffcv sets torch's thread count to 1
@@ -112,7 +113,7 @@ class FfcvLoader(Loader):
 
 def _classes(path: Path) -> List[str]:
     """Class names from the converter's manifest; plain FFCV files have none, so indices stand in."""
-    manifest = Path(str(path) + ".json")
+    manifest = manifest_path(path)
     if manifest.is_file():
         return list(json.loads(manifest.read_text())["classes"])
     return []

@@ -13,7 +13,16 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
-from .base import Batch, DecodeError, DeviceNormalize, EpochShardSampler, Loader, LoaderArgs, sample_seed
+from .base import (
+    Batch,
+    DecodeError,
+    DeviceNormalize,
+    EpochShardSampler,
+    Loader,
+    LoaderArgs,
+    batches_per_epoch,
+    sample_seed,
+)
 from .config import PipelineConfig
 from .folder import scan_folder
 
@@ -112,8 +121,7 @@ class TorchvisionLoader(Loader):
         return [i for i, _ in self.sampler]
 
     def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return batches_per_epoch(self.num_samples, self.sampler.world_size, self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[Batch]:
         for images, labels in self.loader:
