@@ -39,9 +39,11 @@ def _is_user_error(err: Exception) -> bool:
     from pipelines.base import DecodeError
 
     from .engine.checkpoint import CheckpointError
-    from .engine.loop import NonFiniteLossError
+    from .engine.loop import NonFiniteLossError, RankLostError
 
-    return isinstance(err, (FileNotFoundError, ValueError, ImportError, CheckpointError, NonFiniteLossError, DecodeError))
+    return isinstance(
+        err, (FileNotFoundError, ValueError, ImportError, CheckpointError, NonFiniteLossError, RankLostError, DecodeError)
+    )
 
 
 def _first_line_of_worker_error(msg: str) -> str:
@@ -61,7 +63,9 @@ def _load(recipe: str, overrides: List[str], out: Optional[str] = None):
 
 @click.group(cls=_UserErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fastvit_pt")
-def main() -> None:
+@click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
+              help="Passed by the deepspeed launcher; the rank is read from LOCAL_RANK in the environment.")
+def main(local_rank: Optional[int]) -> None:
     """Self-supervised pre-training of lightweight ViTs (MAE-lite), as fast as the hardware allows."""
 
 

@@ -19,7 +19,7 @@ import yaml
 from pipelines.config import PipelineConfig
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-ENGINES = ("torch",)
+ENGINES = ("torch", "deepspeed")
 ATTN_IMPLS = ("auto", "sdpa", "math")
 
 
@@ -78,7 +78,8 @@ class OptimConfig:
 @dataclass
 class EngineConfig:
     kind: str = "torch"
-    """Training engine: torch (single process or DDP under torchrun)."""
+    """Training engine: torch (one process, or DDP under torchrun) or deepspeed (ZeRO; under torchrun or the
+    deepspeed launcher, or one process)."""
     device: str = "auto"
     """cuda, cpu, or auto (cuda when available)."""
     precision: str = "auto"
@@ -86,6 +87,13 @@ class EngineConfig:
     with native bf16 (avx512_bf16 / amx_bf16), fp32 on others, where bf16 matmuls are emulated and ~10x slower."""
     compile: bool = False
     """Wrap the method in torch.compile (costs about 20 s of compilation on CPU)."""
+    zero_stage: int = 1
+    """engine.kind=deepspeed: ZeRO stage 0 (replicated), 1 (optimizer state partitioned) or 2 (+ gradients)."""
+    deepspeed_config: Optional[str] = None
+    """engine.kind=deepspeed: a JSON file merged into the generated DeepSpeed config; it may add keys, and a key
+    that contradicts the recipe is an error."""
+    dist_timeout_s: int = 600
+    """Seconds a collective waits for a missing peer before the run fails: a dead rank is an error, not a hang."""
 
 
 @dataclass
@@ -131,6 +139,13 @@ class Config:
             raise ConfigError(f"method.mask_ratio must be in (0, 1), got {self.method.mask_ratio}")
         if e.kind not in ENGINES:
             raise ConfigError(f"engine.kind: expected one of {', '.join(ENGINES)}, got {e.kind!r}")
+        if e.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"engine.zero_stage: expected 0, 1 or 2, got {e.zero_stage!r}")
+        if e.dist_timeout_s < 1:
+            raise ConfigError(f"engine.dist_timeout_s must be >= 1, got {e.dist_timeout_s}")
+        if e.kind != "deepspeed" and e.deepspeed_config:
+            warnings.warn(f"engine.deepspeed_config={e.deepspeed_config!r} has no effect with engine.kind={e.kind}",
+                          stacklevel=2)
         if e.precision not in PRECISIONS:
             raise ConfigError(f"engine.precision: expected one of {', '.join(PRECISIONS)}, got {e.precision!r}")
         if e.device not in ("auto", "cpu", "cuda") and not e.device.startswith("cuda:"):

@@ -1,7 +1,7 @@
 """Standalone data pipelines. Never imports fastvit_pt; each backend file is the only importer of its library.
 
     loader = build_loader(cfg, img_size=224, batch_size=64, device="cuda", dtype=torch.bfloat16)
-    for batch in loader: ...   # Batch(images=[N, 3, 224, 224] normalised on the device, labels=[N])
+    for batch in loader: ...   # Batch(images=[N, 3, 224, 224] normalised on the device, labels=[N], keys=[N])
 """
 from __future__ import annotations
 

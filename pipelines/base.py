@@ -1,15 +1,18 @@
 """The Batch contract every backend yields, and the pieces backends share.
 
 Contract: `images` are [N, C, H, W] on the target device, in the compute dtype, already normalised;
-`labels` are [N] int64 on the same device. Backends move uint8 over the bus (4x fewer bytes than fp32)
+`labels` are [N] int64 on the same device; `keys` are [N] int64 per-sample seeds, a function of
+(seed, epoch, sample index) only, from which a method draws its per-sample randomness (MAE's masks), so that
+a sample gets the same draws whatever the rank count, micro-batch size or backend. Backends move uint8 over the bus (4x fewer bytes than fp32)
 and normalise on the device.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence
+from typing import Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 
@@ -23,6 +26,8 @@ class Batch:
     """[N, C, H, W] normalised, compute dtype, on the device."""
     labels: torch.Tensor
     """[N] int64 class indices, on the device."""
+    keys: Optional[torch.Tensor] = None
+    """[N] int64 per-sample seeds (`sample_seeds`), on the device; None where a source has no sample indices."""
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -37,7 +42,7 @@ class DeviceNormalize:
         self.mean = torch.tensor([m * 255.0 for m in mean], device=self.device).view(1, -1, 1, 1)
         self.inv_std = torch.tensor([1.0 / (s * 255.0) for s in std], device=self.device).view(1, -1, 1, 1)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, keys: Optional[torch.Tensor] = None) -> Batch:
         if images.dtype != torch.uint8:
             raise TypeError(f"a pipeline must hand uint8 images to DeviceNormalize, got {images.dtype}")
         non_blocking = self.device.type == "cuda"
@@ -47,7 +52,8 @@ class DeviceNormalize:
         # copy=True: a backend may hand out views of buffers it reuses for later batches (FFCV does), and
         # on the CPU an int64 .to() would alias them; a Batch owns its memory
         y = labels.to(self.device, dtype=torch.int64, non_blocking=non_blocking, copy=True)
-        return Batch(x, y)
+        k = None if keys is None else keys.to(self.device, dtype=torch.int64, non_blocking=non_blocking, copy=True)
+        return Batch(x, y, k)
 
 
 @dataclass(frozen=True)
@@ -66,12 +72,25 @@ class LoaderArgs:
     shuffle: bool
 
 
+_K_SEED, _K_EPOCH, _K_INDEX = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one sample's augmentation: a function of (seed, epoch, index) only, so the stream
     is the same whatever the worker count, and a resumed run sees exactly the augmentations it would have."""
-    h = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    h = (seed * _K_SEED + epoch * _K_EPOCH + index * _K_INDEX) & (2**64 - 1)
     h ^= h >> 31
     return h & (2**63 - 1)
+
+
+def sample_seeds(seed: int, epoch: int, indices) -> torch.Tensor:
+    """`sample_seed` for many indices at once: [N] int64 (uint64 arithmetic wraps like the scalar version)."""
+    idx = np.asarray(indices, dtype=np.uint64)
+    base = np.uint64((seed * _K_SEED + epoch * _K_EPOCH) & (2**64 - 1))
+    with np.errstate(over="ignore"):
+        h = base + idx * np.uint64(_K_INDEX)
+    h ^= h >> np.uint64(31)
+    return torch.from_numpy((h & np.uint64(2**63 - 1)).astype(np.int64))
 
 
 def shard_indices(n: int, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:

@@ -18,7 +18,17 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from .base import Batch, DecodeError, DeviceNormalize, Loader, LoaderArgs, batches_per_epoch, sample_seed, shard_indices
+from .base import (
+    Batch,
+    DecodeError,
+    DeviceNormalize,
+    Loader,
+    LoaderArgs,
+    batches_per_epoch,
+    sample_seed,
+    sample_seeds,
+    shard_indices,
+)
 from .config import PipelineConfig, parse_randaugment
 from .folder import scan_folder
 
@@ -77,8 +87,7 @@ class DaliLoader(Loader):
     def epoch_indices(self):
         return shard_indices(self.num_samples, self.rank, self.world_size, self.seed, self.epoch, self.shuffle).tolist()
 
-    def _iterator(self) -> DALIGenericIterator:
-        idx = self.epoch_indices()
+    def _iterator(self, idx) -> DALIGenericIterator:
         files = [self.samples[i][0] for i in idx]
         labels = [self.samples[i][1] for i in idx]
 
@@ -100,10 +109,14 @@ class DaliLoader(Loader):
 
     def __iter__(self) -> Iterator[Batch]:
         it = None
+        idx = self.epoch_indices()
+        keys = sample_seeds(self.seed, self.epoch, idx)  # the reader keeps file order: batch b is keys[bB:(b+1)B]
         try:
-            it = self._iterator()  # DALI prefetches here: a bad file can fail the constructor already
-            for out in it:
-                yield self.to_device(out[0]["images"], out[0]["labels"].view(-1))
+            it = self._iterator(idx)  # DALI prefetches here: a bad file can fail the constructor already
+            for b, out in enumerate(it):
+                images = out[0]["images"]
+                k = keys[b * self.batch_size : b * self.batch_size + images.shape[0]]
+                yield self.to_device(images, out[0]["labels"].view(-1), k)
         except RuntimeError as err:  # DALI reports a bad file inside a long C++ message
             raise _decode_error(err) from None
         finally:

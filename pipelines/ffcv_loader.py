@@ -20,7 +20,7 @@ from typing import Iterator, List
 import numba
 import torch
 
-from .base import Batch, DeviceNormalize, Loader, LoaderArgs, shard_indices, torch_threads_kept
+from .base import Batch, DeviceNormalize, Loader, LoaderArgs, sample_seeds, shard_indices, torch_threads_kept
 from .beton import manifest_path
 from .config import PipelineConfig
 
@@ -93,7 +93,7 @@ class FfcvLoader(Loader):
         self.num_samples = int(self.loader.reader.num_samples)
         self.classes = _classes(path)
         self.to_device = DeviceNormalize(cfg.mean, cfg.std, a.device, a.dtype)
-        self.epoch = 0
+        self.seed, self.epoch = a.seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -107,8 +107,11 @@ class FfcvLoader(Loader):
     def __iter__(self) -> Iterator[Batch]:
         # FFCV counts epochs itself (+1 per iteration started); set_epoch decides here, as in every backend
         self.loader.next_epoch = self.epoch
-        for images, labels in self.loader:
-            yield self.to_device(images, labels)
+        # SEQUENTIAL over our order: batch b holds the samples order[bB:(b+1)B], whatever the worker count
+        keys = sample_seeds(self.seed, self.epoch, self.epoch_indices())
+        B = self.loader.batch_size
+        for b, (images, labels) in enumerate(self.loader):
+            yield self.to_device(images, labels, keys[b * B : b * B + images.shape[0]])
 
 
 def _classes(path: Path) -> List[str]:

@@ -57,7 +57,8 @@ def eval_transform(img_size: int) -> v2.Transform:
 
 
 class FolderDataset(torch.utils.data.Dataset):
-    """Indexed by (index, epoch); each sample's augmentation is seeded from (seed, epoch, index)."""
+    """Indexed by (index, epoch) -> (uint8 image, label, key); the sample's augmentation is seeded from its key,
+    `sample_seed(seed, epoch, index)`, which also travels with it in the Batch."""
 
     def __init__(self, root: str | Path, transform, seed: int):
         self.samples, self.classes = scan_folder(root)
@@ -79,13 +80,13 @@ class FolderDataset(torch.utils.data.Dataset):
         # training's, so they are put back afterwards instead of clobbered.
         in_worker = torch.utils.data.get_worker_info() is not None
         saved = None if in_worker else (random.getstate(), np.random.get_state())
+        seed = sample_seed(self.seed, epoch, index)
         with contextlib.nullcontext() if in_worker else torch.random.fork_rng(devices=[]):
-            seed = sample_seed(self.seed, epoch, index)
             torch.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed % 2**32)
             try:
-                return self.transform(img), label
+                return self.transform(img), label, seed
             finally:
                 if saved is not None:
                     random.setstate(saved[0])
@@ -124,5 +125,5 @@ class TorchvisionLoader(Loader):
         return batches_per_epoch(self.num_samples, self.sampler.world_size, self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[Batch]:
-        for images, labels in self.loader:
-            yield self.to_device(images, labels)
+        for images, labels, keys in self.loader:
+            yield self.to_device(images, labels, keys)

@@ -55,3 +55,13 @@ def tiny_mae_overrides(data_path: Path, out_dir: Path, **extra) -> list:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def one_rank_reference(fmnist_small, tmp_path_factory) -> Path:
+    """The 1-rank run every multi-rank run must reproduce: torch engine, global batch 100 in one micro-batch."""
+    from launchers import run, single_cmd
+
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run(single_cmd(*tiny_mae_overrides(fmnist_small / "train", out)))
+    return out

@@ -68,9 +68,10 @@ def resolve_precision(pref: str, device: torch.device) -> str:
     return "fp32"
 
 
-def init_distributed(device_pref: str = "auto", timeout_s: int = 1800) -> DistEnv:
+def init_distributed(device_pref: str = "auto", timeout_s: int = 600, group_of_one: bool = False) -> DistEnv:
     """Read RANK / WORLD_SIZE / LOCAL_RANK; with more than one rank, join the process group (NCCL on GPU,
-    gloo on CPU). A bounded timeout makes a dead peer an error instead of a hang."""
+    gloo on CPU). A bounded timeout makes a dead peer an error instead of a hang. `group_of_one`: a single
+    process still gets a (one-rank, in-memory) group, which DeepSpeed needs; no address or port is used."""
     world = _int_env("WORLD_SIZE", 1)
     rank, local_rank = _int_env("RANK", 0), _int_env("LOCAL_RANK", 0)
     device = pick_device(device_pref, local_rank)
@@ -84,6 +85,11 @@ def init_distributed(device_pref: str = "auto", timeout_s: int = 1800) -> DistEn
             backend="nccl" if device.type == "cuda" else "gloo",
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if device.type == "cuda" else None,
+        )
+    elif world == 1 and group_of_one and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", store=torch.distributed.HashStore(), rank=0,
+            world_size=1, timeout=datetime.timedelta(seconds=timeout_s),
         )
     return DistEnv(rank, world, local_rank, device)
 

@@ -1,24 +1,39 @@
-"""Checkpoints: written atomically (temporary file, fsync, rename), read with weights_only=True."""
+"""Checkpoints: written atomically (temporary file, fsync, rename), read with weights_only=True.
+
+A torch-engine checkpoint is one file, `checkpoint-0001.pt`. A DeepSpeed checkpoint is a directory,
+`checkpoint-0001/`, holding DeepSpeed's own files (the module, and each rank's ZeRO optimizer partition)
+plus `fastvit.pt` (epoch, RNG states, config, counters), written last: a directory without it is an
+interrupted save and is never resumed from. Beside each, `model-0001.pt` is the backbone alone, a plain
+state dict with timm's keys.
+"""
 from __future__ import annotations
 
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 
-_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+_NAME = re.compile(r"^checkpoint-(\d+)(\.pt)?$")
+_MODEL = re.compile(r"^model-(\d+)\.pt$")
+META = "fastvit.pt"  # inside a checkpoint directory; its presence marks the save complete
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated or not one of ours; the message names the file."""
 
 
-def checkpoint_path(run_dir: str | Path, epoch: int) -> Path:
-    return Path(run_dir) / f"checkpoint-{epoch:04d}.pt"
+def checkpoint_path(run_dir: str | Path, epoch: int, directory: bool = False) -> Path:
+    return Path(run_dir) / (f"checkpoint-{epoch:04d}" if directory else f"checkpoint-{epoch:04d}.pt")
+
+
+def model_path(run_dir: str | Path, epoch: int) -> Path:
+    """The exported backbone saved with the checkpoint of `epoch`."""
+    return Path(run_dir) / f"model-{epoch:04d}.pt"
 
 
 def rng_state() -> Dict[str, Any]:
@@ -80,9 +95,22 @@ def save_checkpoint(path: str | Path, state: Dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
+    """A checkpoint file's whole state, or a checkpoint directory's `fastvit.pt` (the engine's own files are
+    read by the engine)."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / META).is_file():
+            raise CheckpointError(
+                f"{path} is not a complete checkpoint: it has no {META} (the save was interrupted, or this is "
+                "not a fastvit checkpoint directory)"
+            )
+        return _read(path / META, map_location)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    return _read(path, map_location)
+
+
+def _read(path: Path, map_location) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # zip, pickle and EOF errors all mean the same thing to the user
@@ -95,12 +123,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def _complete(p: Path) -> bool:
+    return (p / META).is_file() if p.is_dir() else p.is_file()
+
+
+def _numbered(run_dir: str | Path, pattern: re.Pattern):
+    return sorted((int(m.group(1)), p) for p in Path(run_dir).glob("*") if (m := pattern.match(p.name)))
+
+
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint-*.pt") if (m := _NAME.match(p.name))]
-    return max(found)[1] if found else None
+    """The newest complete checkpoint (file or directory) in `run_dir`, or None."""
+    found = [(n, p) for n, p in _numbered(run_dir, _NAME) if _complete(p)]
+    return found[-1][1] if found else None
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
-    found = sorted((int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint-*.pt") if (m := _NAME.match(p.name)))
-    for _, p in found[:-keep] if keep > 0 else []:
-        p.unlink(missing_ok=True)
+    """Keep the newest `keep` checkpoints and exported models; delete older ones."""
+    for pattern in (_NAME, _MODEL):
+        found = _numbered(run_dir, pattern)
+        for _, p in found[:-keep] if keep > 0 else []:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)

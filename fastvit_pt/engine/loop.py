@@ -20,9 +20,9 @@ from .checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
+    model_path,
     prune_checkpoints,
     rng_state,
-    save_checkpoint,
     set_rng_state,
 )
 from .metrics import MetricLogger, Progress, format_eta
@@ -30,6 +30,18 @@ from .metrics import MetricLogger, Progress, format_eta
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message says when and which checkpoint is the last good one."""
+
+
+class RankLostError(RuntimeError):
+    """Another rank died or stopped answering; this one stops too (instead of hanging) and says how to resume."""
+
+
+_COMM_FAILURE = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timeout", "NCCL", "gloo")
+
+
+def _is_comm_failure(err: BaseException) -> bool:
+    dist_error = getattr(torch.distributed, "DistError", ())
+    return isinstance(err, dist_error) or (isinstance(err, RuntimeError) and any(s in str(err) for s in _COMM_FAILURE))
 
 
 @dataclass
@@ -63,11 +75,17 @@ def build_training(cfg: Config, env: DistEnv):
     """Loader, method and engine for `cfg` on this rank (no checkpoint loading, no training)."""
     import pipelines
 
-    from ..distributed.torch_engine import DTYPES, TorchEngine, accumulation_steps
+    from ..distributed import build_engine
+    from ..distributed.base import DTYPES, accumulation_steps
     from ..methods import build_method
 
+    # configuration errors (batch sizes vs world size, a conflicting DeepSpeed overlay) before any work
     accum = accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, env.world_size)
     precision = resolve_precision(cfg.engine.precision, env.device)
+    if cfg.engine.kind == "deepspeed":
+        from ..distributed.deepspeed_engine import deepspeed_config
+
+        deepspeed_config(cfg, env.world_size, precision)
     loader = pipelines.build_loader(
         cfg.data,
         img_size=cfg.model.img_size,
@@ -86,7 +104,7 @@ def build_training(cfg: Config, env: DistEnv):
             f"fewer than one optimizer step of train.global_batch={cfg.train.global_batch}; lower the batch sizes"
         )
     method = build_method(cfg, attn_impl=resolve_attn_impl(cfg.model.attn_impl, env.device, precision))
-    engine = TorchEngine(method, cfg, env, steps_per_epoch)
+    engine = build_engine(method, cfg, env, steps_per_epoch)
     return loader, method, engine, steps_per_epoch
 
 
@@ -107,7 +125,7 @@ def _mean_over_ranks(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 
 def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
-    env = init_distributed(cfg.engine.device)
+    env = init_distributed(cfg.engine.device, cfg.engine.dist_timeout_s, group_of_one=cfg.engine.kind == "deepspeed")
     try:
         return _train(cfg, env, resume)
     finally:
@@ -142,7 +160,7 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
     micro_per_epoch = steps_per_epoch * engine.accum
     start_epoch = 0
     if state is not None:
-        engine.load_state_dict(state["engine"])
+        engine.load(resume_path, state)
         rngs = state["rng"]
         if len(rngs) == env.world_size:
             set_rng_state(rngs[env.rank])
@@ -161,6 +179,7 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
     last_saved = resume_path
     rates: List[float] = []
     total_steps = t.epochs * steps_per_epoch
+    epoch = start_epoch
     try:
         for epoch in range(start_epoch, t.epochs):
             if t.stop_after_epochs is not None and result.epochs_run >= t.stop_after_epochs:
@@ -199,7 +218,7 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
                     if result.first_loss is None:
                         result.first_loss = parts["loss"]
                     result.last_loss = parts["loss"]
-                    grad = {"grad_norm": engine.grad_norm.item()} if engine.grad_norm is not None else {}
+                    grad = {"grad_norm": float(engine.grad_norm)} if engine.grad_norm is not None else {}
                     logger.log(
                         engine.global_step,
                         {"epoch": epoch + (i + 1) / micro_per_epoch, "lr": engine.lr, "img_per_s": rate, **parts, **grad},
@@ -212,15 +231,22 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
             result.epochs_run += 1
             result.steps = engine.global_step
             if (epoch + 1) % t.save_every_epochs == 0 or epoch + 1 == t.epochs:
-                snapshot = {
-                    "engine": engine.state_dict(),
-                    "epoch": epoch,
-                    "rng": _gather_rng(env),
-                    "config": to_dict(cfg),
-                }
+                meta = {"epoch": epoch, "rng": _gather_rng(env), "config": to_dict(cfg), "engine_kind": engine.kind}
+                path = checkpoint_path(run_dir, epoch + 1, directory=engine.checkpoint_is_dir)
+                engine.save(path, meta)  # collective
+                engine.export(model_path(run_dir, epoch + 1), path)
                 if env.is_main:
-                    last_saved = save_checkpoint(checkpoint_path(run_dir, epoch + 1), snapshot)
+                    last_saved = path
                     prune_checkpoints(run_dir, t.keep_checkpoints)
+    except Exception as err:
+        if env.distributed and _is_comm_failure(err) and not isinstance(err, NonFiniteLossError):
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RankLostError(
+                f"rank {env.rank}: lost contact with another rank at epoch {epoch + 1}, optimizer step "
+                f"{engine.global_step} ({first}); stopping. Look for the first failing rank in the logs, then resume "
+                f"with --resume (last checkpoint: {last_saved or 'none yet'})."
+            ) from err
+        raise
     finally:
         logger.close()
     result.checkpoint = last_saved

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..models import MaskedAutoencoderViT, create_model
+from ..models.mae import keyed_shuffle
 
 
 class MAE(nn.Module):
@@ -17,8 +18,11 @@ class MAE(nn.Module):
         self.model, self.mask_ratio = model, mask_ratio
 
     def forward(self, batch) -> Dict[str, torch.Tensor]:
-        """batch.images: [N, C, H, W] normalised -> {"loss": scalar}"""
-        loss, _, _ = self.model(batch.images, self.mask_ratio)
+        """batch.images: [N, C, H, W] normalised -> {"loss": scalar}. Masks come from the batch's per-sample
+        keys where it has them (the same mask for a sample on any rank count), else from the global RNG."""
+        keys = getattr(batch, "keys", None)
+        ids_shuffle = None if keys is None else keyed_shuffle(keys, self.model.num_patches)
+        loss, _, _ = self.model(batch.images, self.mask_ratio, ids_shuffle)
         return {"loss": loss}
 
     def encoder(self) -> nn.Module:

@@ -26,6 +26,38 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     return int(round((1.0 - mask_ratio) * num_patches))
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """(h * c) mod 2**32 for h < 2**32 held in int64, in 16-bit halves so no product overflows int64."""
+    lo, hi = h & 0xFFFF, h >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with probability ~1/2."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def keyed_shuffle(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """A random permutation of 0..n-1 per sample, a pure function of its 63-bit key: keys [N] int64 -> [N, n].
+
+    A counter-based draw (hash of key and position) instead of the global RNG, so a sample is masked the
+    same way on any rank count, micro-batch split or device: the basis of the 2-rank == 1-rank guarantee.
+    Elementwise int64 ops on [N, n]: no host sync, no per-sample generator.
+    """
+    lo, hi = keys & _M32, (keys >> 32) & _M32
+    pos = torch.arange(n, device=keys.device, dtype=torch.int64)
+    h = _fmix32(_fmix32(lo ^ 0x9E3779B9)[:, None] ^ _fmix32(pos * 0x2545 + 0x6A09E667)[None, :])
+    h = _fmix32(h ^ _fmix32(hi ^ 0x3C6EF372)[:, None])
+    return torch.argsort(h, dim=1, stable=True)
+
+
 def random_masking(x: torch.Tensor, mask_ratio: float, ids_shuffle: Optional[torch.Tensor] = None):
     """Keep a random subset of round((1 - r) * L) tokens per sample.
 

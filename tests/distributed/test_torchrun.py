@@ -1,35 +1,106 @@
-"""Real multi-process training: torchrun, 2 CPU ranks over gloo, DDP."""
-import json
+"""Real multi-process training with the torch engine: torchrun, 2 CPU ranks over gloo, DDP."""
 import os
+import signal
 import subprocess
-import sys
-from pathlib import Path
+import time
+
+import pytest
+import torch
+from launchers import ENV, REPO, final_params, losses, run, single_cmd, torchrun_cmd
 
 from conftest import tiny_mae_overrides
 
-REPO = Path(__file__).resolve().parents[2]
+
+def assert_same_run(a, b):
+    """Same losses and final parameters, up to float summation order (2 x 25 vs 1 x 50 samples per step)."""
+    assert losses(a) == pytest.approx(losses(b), rel=1e-5)
+    pa, pb = final_params(a), final_params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        torch.testing.assert_close(pa[k].float(), pb[k].float(), rtol=0, atol=1e-3, msg=k)
 
 
-def torchrun(*args, port):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "fastvit_pt.cli", "train", "recipes/demo/mae_fmnist.yaml", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+def test_two_rank_ddp_equals_one_rank(fmnist_small, one_rank_reference, tmp_path):
+    out = tmp_path / "ddp"
+    r = run(torchrun_cmd(2, 29611, *tiny_mae_overrides(fmnist_small / "train", out, **{"train.micro_batch": 25})))
+    assert r.stdout.count("checkpoint:") == 1  # only rank 0 reports
+    assert_same_run(out, one_rank_reference)
 
 
-def losses(run):
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_two_rank_ddp_run_and_exact_resume(fmnist_small, tmp_path):
-    data = fmnist_small / "train"
-    over = lambda out, **kw: tiny_mae_overrides(data, out, **{"train.micro_batch": 25, **kw})  # noqa: E731
-    full = torchrun(*over(tmp_path / "full"), port=29611)
-    assert full.stdout.count("checkpoint:") == 1  # only rank 0 reports
-    torchrun(*over(tmp_path / "part", **{"train.stop_after_epochs": 1}), port=29612)
-    torchrun(*over(tmp_path / "part"), "--resume", port=29613)
+def test_two_rank_ddp_resume_is_exact(fmnist_small, tmp_path):
+    over = lambda out, **kw: tiny_mae_overrides(fmnist_small / "train", out, **{"train.micro_batch": 25, **kw})  # noqa: E731
+    run(torchrun_cmd(2, 29612, *over(tmp_path / "full")))
+    run(torchrun_cmd(2, 29613, *over(tmp_path / "part", **{"train.stop_after_epochs": 1})))
+    run(torchrun_cmd(2, 29614, *over(tmp_path / "part"), "--resume"))
     a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
-    assert len(a) == 15 and a == b  # 3 epochs x 5 steps; each rank restored its own RNG
+    assert len(a) == 15 and a == b  # 3 epochs x 5 steps; each rank restored its own RNG, bit for bit
     assert a[-1] < a[0]
+
+
+def test_batch_not_divisible_by_world_size_fails_before_any_work(fmnist_small, tmp_path):
+    out = tmp_path / "run"
+    t = time.perf_counter()
+    r = run(torchrun_cmd(2, 29615, *tiny_mae_overrides(fmnist_small / "train", out, **{"train.micro_batch": 100})),
+            ok=False)
+    assert r.returncode != 0
+    # each rank says it in one line (torchrun then adds its own summary); no stack from our code
+    assert r.stderr.count("Error: train.global_batch (100) is not a multiple of train.micro_batch (100) x world size (2)") == 2
+    assert "fastvit_pt/" not in r.stderr
+    assert not out.exists()  # nothing was written: the check runs before data, model or run directory
+    assert time.perf_counter() - t < 60
+
+
+def _wait_for_training(run_dir, proc, timeout=120):
+    t = time.perf_counter()
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.perf_counter() - t < timeout, "training never started"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+def test_a_killed_rank_stops_the_others(fmnist_small, tmp_path, engine):
+    """No launcher to clean up: rank 1 is SIGKILLed mid-training, and rank 0 must fail on its own, quickly,
+    with an error that says what happened, not hang in a collective."""
+    out = tmp_path / "run"
+    over = tiny_mae_overrides(fmnist_small / "train", out, **{"train.micro_batch": 25, "train.epochs": 100,
+                                                              "train.log_every": 1, "engine.kind": engine,
+                                                              "engine.dist_timeout_s": 30})
+    port = 29616 if engine == "torch" else 29617
+    procs = [
+        subprocess.Popen(single_cmd(*over), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        for r in range(2)
+    ]
+    try:
+        _wait_for_training(out, procs[0])
+        os.kill(procs[1].pid, signal.SIGKILL)
+        t = time.perf_counter()
+        output, _ = procs[0].communicate(timeout=90)
+        waited = time.perf_counter() - t
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode != 0
+    assert "rank 0: lost contact with another rank" in output, output[-3000:]
+    assert waited < 60, f"rank 0 took {waited:.0f} s to notice"
+
+
+def test_torchrun_stops_the_job_when_a_rank_dies(fmnist_small, tmp_path):
+    out = tmp_path / "run"
+    over = tiny_mae_overrides(fmnist_small / "train", out, **{"train.micro_batch": 25, "train.epochs": 100,
+                                                              "train.log_every": 1})
+    p = subprocess.Popen(torchrun_cmd(2, 29618, *over), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=ENV)
+    try:
+        _wait_for_training(out, p)
+        workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+        os.kill(int(workers[1]), signal.SIGKILL)
+        t = time.perf_counter()
+        p.communicate(timeout=90)
+        assert p.returncode != 0 and time.perf_counter() - t < 60
+    finally:
+        p.kill()

@@ -1,0 +1,49 @@
+"""Run `fastvit train` for real under the standard launchers (torchrun, the deepspeed launcher) or as one
+plain process, and read back what the run wrote."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = "recipes/demo/mae_fmnist.yaml"
+# one intra-op thread per rank: two ranks share this machine's cores
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def torchrun_cmd(nproc: int, port: int, *args) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+            "-m", "fastvit_pt.cli", "train", RECIPE, *args]
+
+
+def deepspeed_cmd(nproc: int, port: int, *args) -> list:
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
+            "--module", "fastvit_pt.cli", "train", RECIPE, *args]
+
+
+def single_cmd(*args) -> list:
+    return [sys.executable, "-m", "fastvit_pt.cli", "train", RECIPE, *args]
+
+
+def run(cmd: list, ok: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV, timeout=timeout)
+    if ok:
+        assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+def losses(run_dir: Path) -> list:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(run_dir: Path) -> dict:
+    """The whole method's parameters from the newest checkpoint, whichever engine wrote it."""
+    from fastvit_pt.engine.checkpoint import latest_checkpoint, load_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt.is_dir():  # deepspeed: the module lives in DeepSpeed's own file (not weights-only loadable)
+        return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return load_checkpoint(ckpt)["engine"]["model"]
