@@ -109,6 +109,35 @@ def train(recipe: str, overrides: List[str], resume: Optional[str], out: Optiona
     click.echo(f"checkpoint: {res.checkpoint}\nmetrics: {res.run_dir / 'metrics.jsonl'}  config: {res.run_dir / 'config.yaml'}")
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--launcher", type=click.Choice(["torchrun", "deepspeed"]), default="torchrun", show_default=True)
+@click.option("--nproc-per-node", type=int, default=None, help="Ranks per node [default: GPUs here, or 1].")
+@click.option("--nnodes", type=int, default=1, show_default=True)
+@click.option("--node-rank", type=int, default=None, help="torchrun: this node's rank (optional with c10d rendezvous).")
+@click.option("--master-addr", default=None, help="Host of node 0 (torchrun rendezvous endpoint).")
+@click.option("--master-port", type=int, default=29500, show_default=True)
+@click.option("--hostfile", default=None, help="deepspeed launcher: MPI-style hostfile ('host slots=8' lines).")
+@click.option("--print-only", is_flag=True, help="Print the launcher command and exit.")
+@click.argument("train_args", nargs=-1, type=click.UNPROCESSED, required=True)
+def launch(launcher, nproc_per_node, nnodes, node_rank, master_addr, master_port, hostfile, print_only, train_args):
+    """Run `fastvit train TRAIN_ARGS` under torchrun or the deepspeed launcher: builds their command line,
+    prints it, and execs it (they do all process management)."""
+    import os
+    import shlex
+
+    from .distributed.launch import launch_command
+
+    if nproc_per_node is None:
+        import torch
+
+        nproc_per_node = max(1, torch.cuda.device_count())
+    cmd = launch_command(train_args, launcher, nproc_per_node, nnodes, node_rank, master_addr, master_port, hostfile)
+    click.echo(shlex.join(cmd), err=not print_only)
+    if not print_only:
+        sys.stdout.flush()
+        os.execvp(cmd[0], cmd)
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("overrides", nargs=-1)

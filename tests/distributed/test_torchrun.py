@@ -104,3 +104,31 @@ def test_torchrun_stops_the_job_when_a_rank_dies(fmnist_small, tmp_path):
         assert p.returncode != 0 and time.perf_counter() - t < 60
     finally:
         p.kill()
+
+
+def test_fastvit_launch_execs_torchrun(fmnist_small, one_rank_reference, tmp_path):
+    """`fastvit launch` prints the standard launcher's command and execs it; the run is the same run."""
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastvit_pt.cli", "launch", "--nproc-per-node", "2", "recipes/demo/mae_fmnist.yaml",
+           *tiny_mae_overrides(fmnist_small / "train", out, **{"train.micro_batch": 25})]
+    r = run(cmd)
+    first = r.stderr.splitlines()[0]
+    assert "torchrun --nproc_per_node=2 --standalone -m fastvit_pt.cli train recipes/demo/mae_fmnist.yaml" in first
+    assert_same_run(out, one_rank_reference)
+
+
+def test_launch_command_lines():
+    from fastvit_pt.distributed.launch import launch_command
+
+    ds = launch_command(["r.yaml", "a=1"], "deepspeed", 8, nnodes=4, hostfile="hosts")
+    assert ds[1:] == ["--hostfile", "hosts", "--num_nodes", "4", "--num_gpus", "8", "--master_port", "29500", "--module",
+                      "fastvit_pt.cli", "train", "r.yaml", "a=1"]
+    tr = launch_command(["r.yaml"], "torchrun", 8, nnodes=4, master_addr="node0")
+    assert tr[1:] == ["--nproc_per_node=8", "--nnodes=4", "--rdzv_backend=c10d", "--rdzv_endpoint=node0:29500",
+                      "-m", "fastvit_pt.cli", "train", "r.yaml"]
+    with pytest.raises(ValueError, match="needs --master-addr"):
+        launch_command(["r.yaml"], "torchrun", 8, nnodes=2)
+    with pytest.raises(ValueError, match="needs --hostfile"):
+        launch_command(["r.yaml"], "deepspeed", 8, nnodes=2)

@@ -88,3 +88,17 @@ def test_sincos_pos_embed_matches_mae_formula():
     np.testing.assert_allclose(emb[1 + 1 * grid + 2].numpy(), want, rtol=1e-6, atol=1e-7)
     m = create_model("mae_vit_test", img_size=32, patch_size=8)
     assert not m.encoder.pos_embed.requires_grad and not m.decoder_pos_embed.requires_grad
+
+
+def test_keyed_shuffle_is_a_uniform_permutation_fixed_by_the_key():
+    from fastvit_pt.models.mae import keyed_shuffle
+
+    keys = torch.arange(20000, dtype=torch.int64) * 0x9E3779B97F4A7C1 % (2**63 - 1)
+    p = keyed_shuffle(keys, 49)
+    assert torch.equal(p.sort(dim=1).values, torch.arange(49).expand(20000, -1))  # each row a permutation
+    assert torch.equal(keyed_shuffle(keys[7:9], 49), p[7:9])  # a row depends on its key alone, not the batch
+    assert not torch.equal(p[0], p[1])
+    # each patch is kept (among the first 12 of 49) with probability 12/49, within 4 standard errors
+    kept = torch.zeros(20000, 49).scatter_(1, p[:, :12], 1.0).mean(0)
+    se = (12 / 49 * (1 - 12 / 49) / 20000) ** 0.5
+    assert (kept - 12 / 49).abs().max() < 4 * se

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipelines import PipelineConfig, build_loader
-from pipelines.base import Batch, DecodeError, sample_seed, shard_indices
+from pipelines.base import Batch, DecodeError, sample_seed, sample_seeds, shard_indices
 
 BACKENDS = ["torchvision", "ffcv", "dali"]
 _BETONS = {}
@@ -50,6 +50,20 @@ def test_batch_contract_on_real_photos(photo_tree, backend):
     # what was read is what epoch_indices says, in that order
     want = [label for _, label in _samples(photo_tree)]
     assert b.labels.tolist() == [want[i] for i in loader.epoch_indices()[:8]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_sample_carries_its_key(photo_tree, backend):
+    """Batch.keys = sample_seed(seed, epoch, index) for the samples read, in order, on any rank count: the
+    per-sample randomness (MAE's masks) then follows the sample, not the rank or the batch it landed in."""
+    for world, rank in ((1, 0), (2, 1)):
+        loader = _loader(photo_tree, backend, world_size=world, rank=rank)
+        loader.set_epoch(2)
+        idx = loader.epoch_indices()
+        keys = torch.cat([b.keys for b in loader])
+        assert keys.dtype == torch.int64
+        assert keys.tolist() == sample_seeds(1, 2, idx[: len(keys)]).tolist()
+        assert keys.tolist()[:3] == [sample_seed(1, 2, i) for i in idx[:3]]
 
 
 def _samples(root):
