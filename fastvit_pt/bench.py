@@ -51,6 +51,29 @@ def _train_step(module: nn.Module, loss_fn: Callable[[], torch.Tensor], precisio
     return step
 
 
+def _engine_config(model: str, batch: int, img_size: int, patch_size: int, precision: str, device: str,
+                   mask_ratio: float, engine: str, attn: str):
+    from .config import Config
+
+    cfg = Config()
+    cfg.model.name, cfg.model.img_size, cfg.model.patch_size, cfg.model.attn_impl = model, img_size, patch_size, attn
+    cfg.method.mask_ratio = mask_ratio
+    cfg.engine.kind, cfg.engine.precision, cfg.engine.device = engine, precision, device
+    cfg.train.global_batch = cfg.train.micro_batch = batch
+    return cfg.validate()
+
+
+def _engine_step(engine, batch) -> Callable[[], None]:
+    """The loop's own three calls, nothing else."""
+
+    def step() -> None:
+        out = engine(batch)
+        engine.backward(out["loss"])
+        engine.step()
+
+    return step
+
+
 def bench_model(
     model: str = "mae_vit_tiny_patch16",
     batch: int = 64,
@@ -64,30 +87,44 @@ def bench_model(
     mask_ratio: float = 0.75,
     timm_reference: Optional[str] = "vit_tiny_patch16_224",
     progress: Optional[Callable] = None,
+    engines: Sequence[str] = ("torch",),
 ) -> Dict:
-    """One row per attention implementation of `model` (MAE train step), plus timm's full-token
-    classification train step when `timm_reference` names a timm model (12 heads, as mae-lite's Tiny)."""
-    from pipelines.base import Batch
+    """One row per (engine, attention implementation): real train steps of `model` through the engine the
+    loop uses (engine(batch); engine.backward(loss); engine.step()), on a synthetic batch already on the
+    device; plus timm's full-token classification train step when `timm_reference` names a timm model (12
+    heads, as mae-lite's Tiny). Every row carries its MFU against the same FLOP count and peak."""
+    from pipelines.base import Batch, sample_seeds
 
-    from .config import Config
-    from .distributed.env import pick_device, resolve_precision
+    from .distributed import build_engine
+    from .distributed.base import DTYPES
+    from .distributed.env import init_distributed, pick_device, resolve_precision, shutdown_distributed
+    from .flops import mfu, peak_flops, train_flops_per_image
     from .methods import build_method
 
     dev = pick_device(device)
     precision = resolve_precision(precision, dev)
+    own_group = "deepspeed" in engines and not torch.distributed.is_initialized()
+    if own_group:
+        init_distributed(dev.type, group_of_one=True)
     torch.manual_seed(0)
     images = torch.randn(batch, 3, img_size, img_size, device=dev)
     labels = torch.randint(0, 1000, (batch,), device=dev)
-    rows = []
-    for impl in attn:
-        cfg = Config()
-        cfg.model.name, cfg.model.img_size, cfg.model.patch_size = model, img_size, patch_size
-        cfg.method.mask_ratio = mask_ratio
-        method = build_method(cfg, attn_impl=impl).to(dev).train()
-        step = _train_step(method, lambda m=method: m(Batch(images, labels))["loss"], precision, dev)
-        times = time_train_step(step, dev, steps, warmup, progress)
-        rows.append(_row(f"{model} (MAE, mask {mask_ratio})", impl, batch, times))
-        del method, step
+    data = Batch(images.to(DTYPES[precision]), labels, sample_seeds(0, 0, range(batch)).to(dev))
+    rows, flops = [], None
+    try:
+        for kind in engines:
+            for impl in attn:
+                cfg = _engine_config(model, batch, img_size, patch_size, precision, dev.type, mask_ratio, kind, impl)
+                method = build_method(cfg, attn_impl=impl)
+                if flops is None:
+                    flops = train_flops_per_image(method, data)
+                engine = build_engine(method, cfg, _single_env(dev), steps_per_epoch=10**6)
+                times = time_train_step(_engine_step(engine, data), dev, steps, warmup, progress)
+                rows.append({**_row(f"{model} (MAE, mask {mask_ratio})", impl, batch, times), "engine": kind})
+                del method, engine
+    finally:
+        if own_group:
+            shutdown_distributed()
     if timm_reference:
         import timm
 
@@ -95,23 +132,40 @@ def bench_model(
         ce = nn.CrossEntropyLoss()
         step = _train_step(ref, lambda: ce(ref(images), labels), precision, dev)
         times = time_train_step(step, dev, steps, warmup, progress)
-        rows.append(_row(f"timm {timm_reference} (12 heads, all tokens)", "timm default", batch, times))
-    primary = max((r for r in rows if not r["name"].startswith("timm")), key=lambda r: r["img_per_s"], default=rows[0])
+        rows.append({**_row(f"timm {timm_reference} (12 heads, all tokens)", "timm default", batch, times),
+                     "engine": "plain loop"})
+    peak = peak_flops(dev, precision)
+    ours = [r for r in rows if not r["name"].startswith("timm")]
+    for r in ours:
+        r["mfu"] = mfu(r["img_per_s"], flops, peak["flops"])
+    primary = max(ours, key=lambda r: r["img_per_s"], default=rows[0])
     ref_rate = rows[-1]["img_per_s"] if timm_reference else None
     for r in rows:
         r["ratio_vs_timm"] = round(r["img_per_s"] / ref_rate, 3) if ref_rate else None
+    for r in ours:  # side by side: each engine against the first engine's row with the same attention
+        base = next(x for x in ours if x["attn"] == r["attn"])
+        r["ratio_vs_first_engine"] = round(r["img_per_s"] / base["img_per_s"], 3)
     return {
         "model": model,
         "batch": batch,
         "img_per_s": primary["img_per_s"],
         "best_attn": primary["attn"],
+        "best_engine": primary.get("engine"),
         "precision": precision,
         "img_size": img_size,
         "steps": steps,
         "warmup": warmup,
+        "train_gflops_per_image": round(flops / 1e9, 4) if flops else None,
+        "peak": {"tflops": round(peak["flops"] / 1e12, 3) if peak["flops"] else None, "source": peak["source"]},
         "runs": rows,
         "env": environment(dev),
     }
+
+
+def _single_env(dev: torch.device):
+    from .distributed.env import DistEnv
+
+    return DistEnv(0, 1, 0, dev)
 
 
 def _row(name: str, attn: str, batch: int, times: List[float]) -> Dict:
@@ -136,6 +190,13 @@ def environment(device: torch.device) -> Dict:
         "timm": timm.__version__,
         "python": platform.python_version(),
     }
+    for lib in ("deepspeed", "nvidia.dali", "ffcv"):
+        try:
+            from importlib.metadata import version
+
+            info[lib.split(".")[-1]] = version({"nvidia.dali": "nvidia-dali-cuda130"}.get(lib, lib))
+        except Exception:  # not installed: nothing to report
+            pass
     return info
 
 
@@ -234,3 +295,91 @@ def bench_loader(
         "epochs": epochs,
         "env": environment(dev),
     }
+
+
+def _cycle(loader):
+    """Batches across epoch boundaries (a short data set must not end a benchmark)."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _windows(fn: Callable[[], int], device: torch.device, windows: int, steps: int, warmup: int,
+             progress: Optional[Callable] = None) -> List[float]:
+    """img/s of `windows` windows of `steps` calls of `fn` (which returns the images it handled), after
+    `warmup` calls. A window's rate (images / elapsed) rather than a median step: loaders deliver in bursts."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    rates = []
+    for _ in range(windows):
+        n, t0 = 0, time.perf_counter()
+        for _ in range(steps):
+            n += fn()
+            if progress:
+                progress()
+        _sync(device)
+        rates.append(n / (time.perf_counter() - t0))
+    return rates
+
+
+def bench_e2e(cfg, steps: int = 20, warmup: int = 5, windows: int = 3, progress: Optional[Callable] = None) -> Dict:
+    """End-to-end img/s of real training steps with the recipe's loader, engine and method, beside the
+    loader alone and the model alone (one batch reused), measured in the same process one after another,
+    with MFU for the model-only and end-to-end rates. Under torchrun, each rank measures its own; the
+    reported global rates are per-rank x world size."""
+    from .distributed.env import init_distributed, shutdown_distributed
+    from .engine.loop import build_training, seed_everything
+    from .flops import mfu, peak_flops, train_flops_per_image
+
+    env = init_distributed(cfg.engine.device, cfg.engine.dist_timeout_s, group_of_one=cfg.engine.kind == "deepspeed")
+    try:
+        seed_everything(cfg.train.seed + env.rank)
+        loader, method, engine, _ = build_training(cfg, env)
+        dev, micro = env.device, cfg.train.micro_batch
+        batches = _cycle(loader)
+        loader_rates = _windows(lambda: len(next(batches)), dev, windows, steps, warmup, progress)
+        fixed = next(batches)
+        flops = train_flops_per_image(method, fixed)
+        step = _engine_step(engine, fixed)
+        model_rates = _windows(lambda: (step(), micro)[1], dev, windows, steps, warmup, progress)
+
+        def real_step() -> int:
+            b = next(batches)
+            _engine_step(engine, b)()
+            return len(b)
+
+        e2e_rates = _windows(real_step, dev, windows, steps, warmup, progress)
+        peak = peak_flops(dev, engine.precision)
+        world = env.world_size
+        out = {}
+        for name, rates in (("loader", loader_rates), ("model", model_rates), ("e2e", e2e_rates)):
+            per_rank = statistics.median(rates)
+            out[name] = {"img_per_s": round(per_rank * world, 1), "img_per_s_per_rank": round(per_rank, 1),
+                         "windows_img_per_s": [round(r, 1) for r in rates]}
+        for name in ("model", "e2e"):
+            out[name]["mfu"] = mfu(out[name]["img_per_s_per_rank"], flops, peak["flops"])
+        out["e2e"]["vs_model"] = round(out["e2e"]["img_per_s"] / out["model"]["img_per_s"], 3)
+        out["e2e"]["vs_loader"] = round(out["e2e"]["img_per_s"] / out["loader"]["img_per_s"], 3)
+        return {
+            **out,
+            "bound_by": "loader" if out["loader"]["img_per_s"] < out["model"]["img_per_s"] else "model",
+            "train_gflops_per_image": round(flops / 1e9, 4),
+            "peak": {"tflops": round(peak["flops"] / 1e12, 3) if peak["flops"] else None, "source": peak["source"]},
+            "engine": cfg.engine.kind,
+            "precision": engine.precision,
+            "backend": cfg.data.backend,
+            "data": cfg.data.path,
+            "workers": cfg.data.workers,
+            "micro_batch": micro,
+            "world_size": world,
+            "steps": steps,
+            "warmup": warmup,
+            "windows": windows,
+            "is_main": env.is_main,
+            "env": environment(dev),
+        }
+    finally:
+        shutdown_distributed()

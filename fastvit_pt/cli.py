@@ -240,23 +240,68 @@ def bench() -> None:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--timm-ref", default="vit_tiny_patch16_224", show_default=True,
               help="timm model timed beside ours (full tokens, 12 heads); 'none' to skip.")
+@click.option("--engine", "engines", default="torch", show_default=True,
+              help="Engines to time side by side: torch, deepspeed, or torch,deepspeed.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
-def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, warmup, device, timm_ref, json_path):
-    """Model-only train-step img/s (forward + backward + AdamW) on synthetic input."""
+def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, warmup, device, timm_ref, engines,
+                    json_path):
+    """Model-only train-step img/s (the engine's forward + backward + AdamW step) on a synthetic batch, with MFU."""
     from tqdm import tqdm
 
     from .bench import bench_model
 
     impls = [a.strip() for a in attn.split(",") if a.strip()]
+    kinds = [e.strip() for e in engines.split(",") if e.strip()]
+    bad = [k for k in kinds if k not in ("torch", "deepspeed")]
+    if bad:
+        raise click.UsageError(f"--engine: expected torch and/or deepspeed, got {', '.join(bad)}")
     ref = None if timm_ref.lower() == "none" else timm_ref
-    with tqdm(total=steps * (len(impls) + (ref is not None)), desc="bench model", file=sys.stderr) as bar:
+    with tqdm(total=steps * (len(impls) * len(kinds) + (ref is not None)), desc="bench model", file=sys.stderr) as bar:
         res = bench_model(model, batch, img_size, patch_size, precision, impls, steps, warmup, device,
-                          timm_reference=ref, progress=bar.update)
-    click.echo(f"{res['env']['device']}, torch {res['env']['torch']}, {res['precision']}, batch {batch}, {img_size} px")
-    click.echo(f"{'case':58s} {'attn':>12s} {'img/s':>9s} {'ms/step':>9s} {'vs timm':>8s}")
+                          timm_reference=ref, progress=bar.update, engines=kinds)
+    click.echo(f"{res['env']['device']}, torch {res['env']['torch']}, {res['precision']}, batch {batch}, {img_size} px; "
+               f"{res['train_gflops_per_image']} GFLOP per image per train step; peak {res['peak']['tflops']} TFLOP/s "
+               f"({res['peak']['source']})")
+    click.echo(f"{'case':46s} {'engine':>10s} {'attn':>12s} {'img/s':>9s} {'ms/step':>9s} {'MFU':>7s} {'vs timm':>8s}")
     for r in res["runs"]:
         ratio = f"{r['ratio_vs_timm']:.2f}x" if r["ratio_vs_timm"] else "-"
-        click.echo(f"{r['name']:58s} {r['attn']:>12s} {r['img_per_s']:9.1f} {r['step_ms_median']:9.1f} {ratio:>8s}")
+        util = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+        click.echo(f"{r['name']:46s} {r['engine']:>10s} {r['attn']:>12s} {r['img_per_s']:9.1f} {r['step_ms_median']:9.1f} "
+                   f"{util:>7s} {ratio:>8s}")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(res, indent=2))
+        click.echo(f"wrote {json_path}")
+
+
+@bench.command("e2e")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--steps", default=20, show_default=True, help="Steps per timed window.")
+@click.option("--warmup", default=5, show_default=True, help="Untimed steps before each measurement.")
+@click.option("--windows", default=3, show_default=True, help="Timed windows (the median is reported).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
+def bench_e2e_cmd(recipe, overrides, steps, warmup, windows, json_path):
+    """End-to-end img/s of RECIPE's real training steps, beside its loader alone and its model alone, with MFU."""
+    from tqdm import tqdm
+
+    from .bench import bench_e2e
+
+    cfg = _load(recipe, overrides)
+    with tqdm(total=3 * windows * steps, desc="bench e2e", file=sys.stderr) as bar:
+        res = bench_e2e(cfg, steps, warmup, windows, progress=bar.update)
+    if not res["is_main"]:
+        return
+    click.echo(f"{res['env']['device']}: {res['engine']} engine, {res['precision']}, {res['backend']} loader "
+               f"({res['workers']} workers), micro-batch {res['micro_batch']} x {res['world_size']} rank(s)")
+    click.echo(f"{'':10s} {'img/s':>10s} {'MFU':>7s}")
+    for name in ("loader", "model", "e2e"):
+        r = res[name]
+        util = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+        click.echo(f"{name:10s} {r['img_per_s']:10.1f} {util:>7s}")
+    click.echo(f"end-to-end = {res['e2e']['vs_model']:.2f}x model-only, {res['e2e']['vs_loader']:.2f}x loader-only; "
+               f"bound by the {res['bound_by']}; {res['train_gflops_per_image']} GFLOP/image, peak "
+               f"{res['peak']['tflops']} TFLOP/s ({res['peak']['source']})")
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(res, indent=2))

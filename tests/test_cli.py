@@ -65,17 +65,36 @@ def test_dry_run_and_train_end_to_end(fmnist_small, tmp_path):
     assert im.size == (4 * 28 * 9, 4 * 28 * 9)  # 4 columns x 4 rows of 28 px, scaled 9x
 
 
-def test_bench_model_writes_json(tmp_path):
+def test_bench_model_times_both_engines_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     r = run("bench", "model", "--model", "mae_vit_test", "--img-size", "32", "--batch", "4", "--steps", "2",
-            "--warmup", "1", "--precision", "fp32", "--timm-ref", "none", "--json", str(out))
+            "--warmup", "1", "--precision", "fp32", "--timm-ref", "none", "--engine", "torch,deepspeed",
+            "--json", str(out))
     assert r.returncode == 0, r.stderr
     import json
 
     res = json.loads(out.read_text())
     assert res["model"] == "mae_vit_test" and res["batch"] == 4 and res["img_per_s"] > 0
-    assert [row["attn"] for row in res["runs"]] == ["sdpa", "math"]
-    assert "math" in r.stdout and "sdpa" in r.stdout
+    assert [(row["engine"], row["attn"]) for row in res["runs"]] == [
+        ("torch", "sdpa"), ("torch", "math"), ("deepspeed", "sdpa"), ("deepspeed", "math")]
+    assert all(0 < row["mfu"] < 1 for row in res["runs"]) and res["train_gflops_per_image"] > 0
+    assert res["runs"][0]["ratio_vs_first_engine"] == 1.0
+    assert "math" in r.stdout and "deepspeed" in r.stdout and "MFU" in r.stdout
+
+
+def test_bench_e2e_reports_loader_model_and_end_to_end(fmnist_small, tmp_path):
+    out = tmp_path / "e2e.json"
+    over = tiny_mae_overrides(fmnist_small / "train", tmp_path / "run")
+    r = run("bench", "e2e", "recipes/demo/mae_fmnist.yaml", *over, "--steps", "3", "--warmup", "1", "--windows", "2",
+            "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    import json
+
+    res = json.loads(out.read_text())
+    assert {"loader", "model", "e2e"} <= set(res) and res["backend"] == "torchvision"
+    assert all(len(res[k]["windows_img_per_s"]) == 2 and res[k]["img_per_s"] > 0 for k in ("loader", "model", "e2e"))
+    assert 0 < res["e2e"]["mfu"] <= res["model"]["mfu"] * 1.5
+    assert "end-to-end" in r.stdout and not (tmp_path / "run").exists()  # a benchmark writes no run
 
 
 def test_bench_loader_writes_json(photo_tree, tmp_path):
