@@ -52,15 +52,26 @@ def _train_step(module: nn.Module, loss_fn: Callable[[], torch.Tensor], precisio
 
 
 def _engine_config(model: str, batch: int, img_size: int, patch_size: int, precision: str, device: str,
-                   mask_ratio: float, engine: str, attn: str):
-    from .config import Config
+                   mask_ratio: float, engine: str, attn: str, extra: Optional[Dict] = None):
+    from .config import load_config
 
-    cfg = Config()
-    cfg.model.name, cfg.model.img_size, cfg.model.patch_size, cfg.model.attn_impl = model, img_size, patch_size, attn
-    cfg.method.mask_ratio = mask_ratio
-    cfg.engine.kind, cfg.engine.precision, cfg.engine.device = engine, precision, device
-    cfg.train.global_batch = cfg.train.micro_batch = batch
-    return cfg.validate()
+    over = {"model.name": model, "model.img_size": img_size, "model.patch_size": patch_size, "model.attn_impl": attn,
+            "method.mask_ratio": mask_ratio, "engine.kind": engine, "engine.precision": precision,
+            "engine.device": device, "train.global_batch": batch, "train.micro_batch": batch, "optim.warmup_epochs": 0,
+            **(extra or {})}
+    return load_config(None, [f"{k}={v}" for k, v in over.items()])
+
+
+# `bench model --ablate`: every GPU-path kernel off, each switched on alone, then all on
+ABLATION = (
+    ("none fused", {}),
+    ("+ SDPA attention", {"model.attn_impl": "sdpa"}),
+    ("+ fused AdamW", {"optim.fused": True}),
+    ("+ bf16 autocast", {"engine.precision": "bf16"}),
+    ("+ torch.compile", {"engine.compile": True}),
+    ("all fused", {"model.attn_impl": "sdpa", "optim.fused": True, "engine.precision": "bf16", "engine.compile": True}),
+)
+ABLATION_BASE = {"model.attn_impl": "math", "optim.fused": False, "engine.precision": "fp32", "engine.compile": False}
 
 
 def _engine_step(engine, batch) -> Callable[[], None]:
@@ -88,6 +99,7 @@ def bench_model(
     timm_reference: Optional[str] = "vit_tiny_patch16_224",
     progress: Optional[Callable] = None,
     engines: Sequence[str] = ("torch",),
+    variants: Sequence = (),
 ) -> Dict:
     """One row per (engine, attention implementation): real train steps of `model` through the engine the
     loop uses (engine(batch); engine.backward(loss); engine.step()), on a synthetic batch already on the
@@ -110,18 +122,24 @@ def bench_model(
     images = torch.randn(batch, 3, img_size, img_size, device=dev)
     labels = torch.randint(0, 1000, (batch,), device=dev)
     data = Batch(images.to(DTYPES[precision]), labels, sample_seeds(0, 0, range(batch)).to(dev))
+    # (label, engine, attn, config overrides) per row; --ablate: the variants on the first engine
+    cases = [(f"{model} (MAE, mask {mask_ratio})", kind, impl, {}) for kind in engines for impl in attn]
+    if variants:
+        cases = [(label, engines[0], over.get("model.attn_impl", ABLATION_BASE["model.attn_impl"]),
+                  {**ABLATION_BASE, **over}) for label, over in variants]
     rows, flops = [], None
     try:
-        for kind in engines:
-            for impl in attn:
-                cfg = _engine_config(model, batch, img_size, patch_size, precision, dev.type, mask_ratio, kind, impl)
-                method = build_method(cfg, attn_impl=impl)
-                if flops is None:
-                    flops = train_flops_per_image(method, data)
-                engine = build_engine(method, cfg, _single_env(dev), steps_per_epoch=10**6)
-                times = time_train_step(_engine_step(engine, data), dev, steps, warmup, progress)
-                rows.append({**_row(f"{model} (MAE, mask {mask_ratio})", impl, batch, times), "engine": kind})
-                del method, engine
+        for label, kind, impl, extra in cases:
+            cfg = _engine_config(model, batch, img_size, patch_size, precision, dev.type, mask_ratio, kind, impl, extra)
+            method = build_method(cfg, attn_impl=impl)
+            if flops is None:
+                flops = train_flops_per_image(method, data)
+            engine = build_engine(method, cfg, _single_env(dev), steps_per_epoch=10**6)
+            batch_in = Batch(images.to(engine.dtype), labels, data.keys)  # what a loader delivers for that precision
+            times = time_train_step(_engine_step(engine, batch_in), dev, steps, warmup, progress)
+            rows.append({**_row(label, impl, batch, times), "engine": kind, "precision": engine.precision,
+                         "fused_adamw": bool(engine.optimizer.defaults.get("fused")), "compile": cfg.engine.compile})
+            del method, engine
     finally:
         if own_group:
             shutdown_distributed()
@@ -134,17 +152,18 @@ def bench_model(
         times = time_train_step(step, dev, steps, warmup, progress)
         rows.append({**_row(f"timm {timm_reference} (12 heads, all tokens)", "timm default", batch, times),
                      "engine": "plain loop"})
-    peak = peak_flops(dev, precision)
+    peaks = {p: peak_flops(dev, p) for p in {r["precision"] for r in rows if "precision" in r} | {precision}}
+    peak = peaks[precision]
     ours = [r for r in rows if not r["name"].startswith("timm")]
-    for r in ours:
-        r["mfu"] = mfu(r["img_per_s"], flops, peak["flops"])
+    for r in ours:  # each against the peak of the dtype it ran in
+        r["mfu"] = mfu(r["img_per_s"], flops, peaks[r["precision"]]["flops"])
     primary = max(ours, key=lambda r: r["img_per_s"], default=rows[0])
     ref_rate = rows[-1]["img_per_s"] if timm_reference else None
     for r in rows:
         r["ratio_vs_timm"] = round(r["img_per_s"] / ref_rate, 3) if ref_rate else None
-    for r in ours:  # side by side: each engine against the first engine's row with the same attention
-        base = next(x for x in ours if x["attn"] == r["attn"])
-        r["ratio_vs_first_engine"] = round(r["img_per_s"] / base["img_per_s"], 3)
+    for r in ours:  # side by side: against the first row with the same attention (ablation: the first row)
+        base = ours[0] if variants else next(x for x in ours if x["attn"] == r["attn"])
+        r["ratio_vs_first"] = round(r["img_per_s"] / base["img_per_s"], 3)
     return {
         "model": model,
         "batch": batch,

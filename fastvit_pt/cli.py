@@ -242,13 +242,15 @@ def bench() -> None:
               help="timm model timed beside ours (full tokens, 12 heads); 'none' to skip.")
 @click.option("--engine", "engines", default="torch", show_default=True,
               help="Engines to time side by side: torch, deepspeed, or torch,deepspeed.")
+@click.option("--ablate", is_flag=True, help="The fused-kernel ablation instead: SDPA, fused AdamW, bf16 autocast and "
+              "torch.compile all off, each switched on alone, then all on (first --engine only).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
 def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, warmup, device, timm_ref, engines,
-                    json_path):
+                    ablate, json_path):
     """Model-only train-step img/s (the engine's forward + backward + AdamW step) on a synthetic batch, with MFU."""
     from tqdm import tqdm
 
-    from .bench import bench_model
+    from .bench import ABLATION, bench_model
 
     impls = [a.strip() for a in attn.split(",") if a.strip()]
     kinds = [e.strip() for e in engines.split(",") if e.strip()]
@@ -256,18 +258,21 @@ def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, 
     if bad:
         raise click.UsageError(f"--engine: expected torch and/or deepspeed, got {', '.join(bad)}")
     ref = None if timm_ref.lower() == "none" else timm_ref
-    with tqdm(total=steps * (len(impls) * len(kinds) + (ref is not None)), desc="bench model", file=sys.stderr) as bar:
+    cases = len(ABLATION) if ablate else len(impls) * len(kinds)
+    with tqdm(total=steps * (cases + (ref is not None)), desc="bench model", file=sys.stderr) as bar:
         res = bench_model(model, batch, img_size, patch_size, precision, impls, steps, warmup, device,
-                          timm_reference=ref, progress=bar.update, engines=kinds)
+                          timm_reference=ref, progress=bar.update, engines=kinds, variants=ABLATION if ablate else ())
     click.echo(f"{res['env']['device']}, torch {res['env']['torch']}, {res['precision']}, batch {batch}, {img_size} px; "
                f"{res['train_gflops_per_image']} GFLOP per image per train step; peak {res['peak']['tflops']} TFLOP/s "
                f"({res['peak']['source']})")
-    click.echo(f"{'case':46s} {'engine':>10s} {'attn':>12s} {'img/s':>9s} {'ms/step':>9s} {'MFU':>7s} {'vs timm':>8s}")
+    click.echo(f"{'case':46s} {'engine':>10s} {'attn':>12s} {'img/s':>9s} {'ms/step':>9s} {'MFU':>7s} {'vs 1st':>7s} "
+               f"{'vs timm':>8s}")
     for r in res["runs"]:
         ratio = f"{r['ratio_vs_timm']:.2f}x" if r["ratio_vs_timm"] else "-"
+        first = f"{r['ratio_vs_first']:.2f}x" if r.get("ratio_vs_first") else "-"
         util = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         click.echo(f"{r['name']:46s} {r['engine']:>10s} {r['attn']:>12s} {r['img_per_s']:9.1f} {r['step_ms_median']:9.1f} "
-                   f"{util:>7s} {ratio:>8s}")
+                   f"{util:>7s} {first:>7s} {ratio:>8s}")
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(res, indent=2))

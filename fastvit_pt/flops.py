@@ -54,6 +54,11 @@ def peak_flops(device: torch.device, precision: str, measure_cpu: bool = True) -
         return {"flops": None, "source": f"no datasheet peak for {name}"}
     if not measure_cpu:
         return {"flops": None, "source": "not measured"}
+    from .distributed.env import cpu_has_native_bf16
+
+    if precision != "fp32" and not cpu_has_native_bf16():
+        # 16-bit matmuls are emulated here (and slower than fp32): the machine's peak is its fp32 rate
+        return {"flops": measured_matmul_flops(device, "fp32"), "source": "measured fp32 2048^3 matmul (no native bf16)"}
     return {"flops": measured_matmul_flops(device, precision), "source": f"measured {precision} 2048^3 matmul"}
 
 

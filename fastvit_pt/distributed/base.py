@@ -6,6 +6,7 @@ and the exported backbone. The loop drives every engine the same way:
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -61,6 +62,16 @@ class Engine:
         self.global_step = 0
         self.grad_norm: Optional[torch.Tensor] = None
         self.lr = self.schedule(0)
+
+    def kernels(self):
+        """Context for the forward pass. On CUDA, scaled_dot_product_attention may only use fused kernels
+        (flash, memory-efficient, cuDNN): inputs they cannot take fail loudly instead of silently running the
+        O(N^2)-memory math fallback."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
 
     def _set_lr_for_this_step(self) -> None:
         self.lr = self.schedule(self.global_step)

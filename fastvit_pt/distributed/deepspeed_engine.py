@@ -96,7 +96,8 @@ class DeepSpeedEngine(Engine):
         self.zero_stage = cfg.engine.zero_stage
 
     def __call__(self, batch) -> Dict[str, torch.Tensor]:
-        return self.ds(batch)
+        with self.kernels():
+            return self.ds(batch)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)  # scales by 1 / gradient_accumulation_steps itself

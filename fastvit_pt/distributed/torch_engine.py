@@ -40,7 +40,7 @@ class TorchEngine(Engine):
     def __call__(self, batch) -> Dict[str, torch.Tensor]:
         # DDP decides at forward time whether the coming backward all-reduces
         no_sync = self.env.distributed and not self._syncs_this_micro_step()
-        with (self.model.no_sync() if no_sync else contextlib.nullcontext()), self.autocast:
+        with (self.model.no_sync() if no_sync else contextlib.nullcontext()), self.autocast, self.kernels():
             return self.model(batch)
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -119,3 +119,15 @@ def test_exported_backbone_loads_into_timm(zero1_two_ranks):
     module = final_params(zero1_two_ranks)
     for k, v in sd.items():
         assert torch.equal(v, module["model.encoder." + k].float()), k
+
+
+def test_a100x32_recipe_is_consistent_on_32_ranks():
+    from conftest import REPO
+
+    cfg = load_config(REPO / "recipes/mae_tiny_1600ep_a100x32.yaml")
+    c = deepspeed_config(cfg, world_size=32, precision=cfg.engine.precision)
+    assert (c["train_batch_size"], c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]) == (4096, 128, 1)
+    assert c["zero_optimization"]["stage"] == 1 and c["bf16"]["enabled"] and cfg.data.backend in ("dali", "ffcv")
+    assert cfg.train.epochs == 1600 and cfg.peak_lr == pytest.approx(2.4e-3)
+    with pytest.raises(ValueError, match="world size \\(24\\)"):  # 3 nodes would not divide the batch
+        deepspeed_config(cfg, world_size=24, precision="bf16")
