@@ -1,5 +1,6 @@
-"""Model-only throughput: train steps (forward + backward + AdamW) on synthetic input, after warm-up,
-median of N steps. All cases of one call run in one process, side by side, so their ratios are fair."""
+"""Throughput: model-only train steps (forward + backward + AdamW) on synthetic input, loader-only epochs,
+and end-to-end training steps. After warm-up, medians; all cases of one call run in one process, model
+cases timed in turns, so their ratios are fair on a noisy machine."""
 from __future__ import annotations
 
 import platform
@@ -17,21 +18,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_train_step(
-    step: Callable[[], None], device: torch.device, steps: int, warmup: int, progress: Optional[Callable] = None
-) -> List[float]:
-    """Seconds per call of `step`, `steps` times after `warmup` untimed calls."""
-    for _ in range(warmup):
-        step()
+def time_round_robin(
+    steps_fns: Sequence[Callable[[], None]], device: torch.device, steps: int, warmup: int,
+    progress: Optional[Callable] = None,
+) -> List[List[float]]:
+    """Seconds per call of each function, timed in turns (A B C A B C ...) after each one's warm-up: a slow
+    spell of a noisy machine then lands on every case alike, and their ratios stay fair."""
+    for fn in steps_fns:
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
+    times: List[List[float]] = [[] for _ in steps_fns]
     for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        if progress:
-            progress()
+        for fn, out in zip(steps_fns, times):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            out.append(time.perf_counter() - t0)
+            if progress:
+                progress()
     return times
 
 
@@ -127,7 +132,7 @@ def bench_model(
     if variants:
         cases = [(label, engines[0], over.get("model.attn_impl", ABLATION_BASE["model.attn_impl"]),
                   {**ABLATION_BASE, **over}) for label, over in variants]
-    rows, flops = [], None
+    built, flops = [], None  # every case is built first, then all are timed round-robin (below)
     try:
         for label, kind, impl, extra in cases:
             cfg = _engine_config(model, batch, img_size, patch_size, precision, dev.type, mask_ratio, kind, impl, extra)
@@ -136,22 +141,22 @@ def bench_model(
                 flops = train_flops_per_image(method, data)
             engine = build_engine(method, cfg, _single_env(dev), steps_per_epoch=10**6)
             batch_in = Batch(images.to(engine.dtype), labels, data.keys)  # what a loader delivers for that precision
-            times = time_train_step(_engine_step(engine, batch_in), dev, steps, warmup, progress)
-            rows.append({**_row(label, impl, batch, times), "engine": kind, "precision": engine.precision,
-                         "fused_adamw": bool(engine.optimizer.defaults.get("fused")), "compile": cfg.engine.compile})
-            del method, engine
+            meta = {"engine": kind, "precision": engine.precision, "compile": cfg.engine.compile,
+                    "fused_adamw": bool(engine.optimizer.defaults.get("fused"))}
+            built.append((label, impl, meta, _engine_step(engine, batch_in)))
+        if timm_reference:
+            import timm
+
+            ref = timm.create_model(timm_reference, num_heads=12, num_classes=1000).to(dev).train()
+            ce = nn.CrossEntropyLoss()
+            step = _train_step(ref, lambda: ce(ref(images), labels), precision, dev)
+            built.append((f"timm {timm_reference} (12 heads, all tokens)", "timm default", {"engine": "plain loop"}, step))
+        all_times = time_round_robin([step for *_, step in built], dev, steps, warmup, progress)
+        rows = [{**_row(label, impl, batch, times), **meta} for (label, impl, meta, _), times in zip(built, all_times)]
     finally:
+        del built
         if own_group:
             shutdown_distributed()
-    if timm_reference:
-        import timm
-
-        ref = timm.create_model(timm_reference, num_heads=12, num_classes=1000).to(dev).train()
-        ce = nn.CrossEntropyLoss()
-        step = _train_step(ref, lambda: ce(ref(images), labels), precision, dev)
-        times = time_train_step(step, dev, steps, warmup, progress)
-        rows.append({**_row(f"timm {timm_reference} (12 heads, all tokens)", "timm default", batch, times),
-                     "engine": "plain loop"})
     peaks = {p: peak_flops(dev, p) for p in {r["precision"] for r in rows if "precision" in r} | {precision}}
     peak = peaks[precision]
     ours = [r for r in rows if not r["name"].startswith("timm")]

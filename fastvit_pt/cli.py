@@ -54,6 +54,13 @@ def _first_line_of_worker_error(msg: str) -> str:
     return msg
 
 
+def _write_json(res: dict, json_path: Optional[str]) -> None:
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(res, indent=2))
+        click.echo(f"wrote {json_path}")
+
+
 def _load(recipe: str, overrides: List[str], out: Optional[str] = None):
     from .config import load_config
 
@@ -273,10 +280,7 @@ def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, 
         util = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         click.echo(f"{r['name']:46s} {r['engine']:>10s} {r['attn']:>12s} {r['img_per_s']:9.1f} {r['step_ms_median']:9.1f} "
                    f"{util:>7s} {first:>7s} {ratio:>8s}")
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(res, indent=2))
-        click.echo(f"wrote {json_path}")
+    _write_json(res, json_path)
 
 
 @bench.command("e2e")
@@ -307,10 +311,7 @@ def bench_e2e_cmd(recipe, overrides, steps, warmup, windows, json_path):
     click.echo(f"end-to-end = {res['e2e']['vs_model']:.2f}x model-only, {res['e2e']['vs_loader']:.2f}x loader-only; "
                f"bound by the {res['bound_by']}; {res['train_gflops_per_image']} GFLOP/image, peak "
                f"{res['peak']['tflops']} TFLOP/s ({res['peak']['source']})")
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(res, indent=2))
-        click.echo(f"wrote {json_path}")
+    _write_json(res, json_path)
 
 
 @bench.command("loader")
@@ -338,10 +339,7 @@ def bench_loader_cmd(data_path, beton, backends, workers, batch, img_size, epoch
         ratio = f"{r['ratio_vs_torchvision']:.2f}x" if r["ratio_vs_torchvision"] else "-"
         click.echo(f"{name:14s} {r['img_per_s']:9.1f} {ratio:>15s}")
     click.echo(f"{'decode only':14s} {res['decode_only_img_per_s']:9.1f}   (ceiling: decode at stored size, no augmentation)")
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(res, indent=2))
-        click.echo(f"wrote {json_path}")
+    _write_json(res, json_path)
 
 
 @main.group()

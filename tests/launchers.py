@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/demo/mae_fmnist.yaml"
 # one intra-op thread per rank: two ranks share this machine's cores
@@ -41,9 +39,7 @@ def losses(run_dir: Path) -> list:
 
 def final_params(run_dir: Path) -> dict:
     """The whole method's parameters from the newest checkpoint, whichever engine wrote it."""
-    from fastvit_pt.engine.checkpoint import latest_checkpoint, load_checkpoint
+    from fastvit_pt.engine.checkpoint import latest_checkpoint, load_checkpoint, method_state_dict
 
     ckpt = latest_checkpoint(run_dir)
-    if ckpt.is_dir():  # deepspeed: the module lives in DeepSpeed's own file (not weights-only loadable)
-        return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return load_checkpoint(ckpt)["engine"]["model"]
+    return method_state_dict(ckpt, load_checkpoint(ckpt))

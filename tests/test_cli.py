@@ -48,6 +48,14 @@ def test_missing_data_path_is_one_clear_line(tmp_path):
     assert f"Error: data folder not found: {tmp_path / 'missing'}" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_deepspeed_dry_run_shows_the_generated_config(fmnist_small, tmp_path):
+    over = tiny_mae_overrides(fmnist_small / "train", tmp_path / "run", **{"engine.kind": "deepspeed"})
+    r = run("train", "recipes/demo/mae_fmnist.yaml", *over, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "deepspeed, ZeRO-1" in r.stdout and '"gradient_accumulation_steps": 2' in r.stdout
+    assert not (tmp_path / "run").exists()
+
+
 def test_dry_run_and_train_end_to_end(fmnist_small, tmp_path):
     over = tiny_mae_overrides(fmnist_small / "train", tmp_path / "run", **{"train.epochs": 1})
     r = run("train", "recipes/demo/mae_fmnist.yaml", *over, "--dry-run")

@@ -9,15 +9,16 @@ import numpy as np
 import torch
 
 from ..config import config_from_dict
-from ..engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from ..engine.checkpoint import META, CheckpointError, latest_checkpoint, load_checkpoint, method_state_dict
 
 
 def _resolve(checkpoint: str | Path) -> Path:
+    """A checkpoint file or DeepSpeed checkpoint directory as it is; a run directory: its newest checkpoint."""
     p = Path(checkpoint)
-    if p.is_dir():
+    if p.is_dir() and not (p / META).is_file():
         found = latest_checkpoint(p)
         if found is None:
-            raise CheckpointError(f"no checkpoint-*.pt in {p}")
+            raise CheckpointError(f"no checkpoint in {p}")
         return found
     return p
 
@@ -33,7 +34,7 @@ def save_reconstructions(
     state = load_checkpoint(ckpt_path)
     cfg = config_from_dict(state["config"])
     method = build_method(cfg, attn_impl="sdpa")
-    method.load_state_dict(state["engine"]["model"])
+    method.load_state_dict({k: v.float() for k, v in method_state_dict(ckpt_path, state).items()})
     method.eval()
     mae = method.model
     if data_path:  # a folder is read with the reference loader, a .beton with ffcv, whatever the run used

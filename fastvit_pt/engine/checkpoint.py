@@ -123,6 +123,22 @@ def _read(path: Path, map_location) -> Dict[str, Any]:
     return state
 
 
+def method_state_dict(path: str | Path, state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The whole method's weights from a checkpoint `load_checkpoint` read: a file holds them itself; a
+    DeepSpeed directory holds them in DeepSpeed's module file (replicated under ZeRO 0-2)."""
+    path = Path(path)
+    if not path.is_dir():
+        return state["engine"]["model"]
+    module_file = path / "mp_rank_00_model_states.pt"
+    if not module_file.is_file():
+        raise CheckpointError(f"{path} has no {module_file.name}: not a complete DeepSpeed checkpoint")
+    try:
+        # DeepSpeed stores its config and version objects beside the weights: not a weights-only pickle
+        return torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+    except Exception as err:
+        raise CheckpointError(f"cannot read {module_file}: {type(err).__name__}: {err}") from None
+
+
 def _complete(p: Path) -> bool:
     return (p / META).is_file() if p.is_dir() else p.is_file()
 

@@ -8,7 +8,7 @@ def describe_plan(cfg: Config) -> str:
     from ..distributed.env import init_distributed, shutdown_distributed
     from .loop import build_training, resolve_attn_impl
 
-    env = init_distributed(cfg.engine.device)
+    env = init_distributed(cfg.engine.device, cfg.engine.dist_timeout_s, group_of_one=cfg.engine.kind == "deepspeed")
     try:
         loader, method, engine, steps_per_epoch = build_training(cfg, env)
     finally:
@@ -23,8 +23,14 @@ def describe_plan(cfg: Config) -> str:
         f"device          {env.device}, {engine.precision} (engine.precision={cfg.engine.precision}), "
         f"world size {env.world_size}",
         f"data            {cfg.data.backend}: {loader.num_samples} images, {len(loader.classes)} classes in {cfg.data.path}",
+        f"engine          {cfg.engine.kind}" + (f", ZeRO-{cfg.engine.zero_stage}" if cfg.engine.kind == "deepspeed" else "")
+        + (", torch.compile" if cfg.engine.compile else ""),
         f"batch           {t.global_batch} global = {t.micro_batch} micro x {env.world_size} ranks x {engine.accum} accumulation",
         f"schedule        {t.epochs} epochs x {steps_per_epoch} steps = {t.epochs * steps_per_epoch} optimizer steps, "
         f"peak lr {cfg.peak_lr:.3g}, warm-up {cfg.optim.warmup_epochs:g} epochs",
     ]
+    if cfg.engine.kind == "deepspeed":
+        import json
+
+        lines.append(f"deepspeed       {json.dumps(engine.ds_config, sort_keys=True)}")
     return "\n".join(lines)
