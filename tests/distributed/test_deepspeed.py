@@ -131,3 +131,18 @@ def test_a100x32_recipe_is_consistent_on_32_ranks():
     assert cfg.train.epochs == 1600 and cfg.peak_lr == pytest.approx(2.4e-3)
     with pytest.raises(ValueError, match="world size \\(24\\)"):  # 3 nodes would not divide the batch
         deepspeed_config(cfg, world_size=24, precision="bf16")
+
+
+def test_bf16_zero1_exports_the_fp32_master_weights(fmnist_small, tmp_path):
+    """Under bf16 the module holds 16-bit weights; the export is the optimizer's fp32 master copy, which
+    rounds to exactly the module's weights but is not merely their up-cast."""
+    out = tmp_path / "run"
+    run(single_cmd(*tiny_mae_overrides(fmnist_small / "train", out, **{
+        "engine.precision": "bf16", "train.epochs": 1, "train.global_batch": 50, "train.micro_batch": 50}, **DS)))
+    exported = torch.load(out / "model-0001.pt", weights_only=True)
+    module = final_params(out)
+    for k, v in exported.items():
+        assert v.dtype == torch.float32
+        assert torch.equal(v.bfloat16(), module["model.encoder." + k]), k
+    w = "blocks.0.attn.qkv.weight"
+    assert not torch.equal(exported[w], module["model.encoder." + w].float())
