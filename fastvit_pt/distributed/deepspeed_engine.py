@@ -145,9 +145,7 @@ class DeepSpeedEngine(Engine):
             raise CheckpointError(
                 f"{path} holds ZeRO-{self.zero_stage} optimizer state partitioned over {saved['world_size']} ranks and "
                 f"this run has {self.env.world_size}; DeepSpeed 0.19 cannot repartition it on load. Resume on "
-                f"{saved['world_size']} ranks, or convert it with DeepSpeed's universal-checkpoint tool "
-                "(python -m deepspeed.checkpoint.ds_to_universal) and resume from that. ZeRO-0 checkpoints resume "
-                "under any world size."
+                f"{saved['world_size']} ranks (ZeRO-0 checkpoints resume under any world size)."
             )
         loaded, _ = self.ds.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
         if loaded is None:
@@ -157,7 +155,8 @@ class DeepSpeedEngine(Engine):
     def export(self, path: Path, checkpoint: Optional[Path] = None) -> Optional[Path]:
         """Under bf16/fp16 with ZeRO-1/2 the module holds 16-bit weights and the fp32 master copy is partitioned
         over the ranks' optimizer states: it is consolidated from the checkpoint just written, with DeepSpeed's
-        own zero_to_fp32 reader. Every rank calls it; rank 0 writes."""
+        own zero_to_fp32 reader. (ZeRO-0 under bf16 exports the module's weights, up-cast.) Every rank calls it;
+        rank 0 writes."""
         if not self.env.is_main:
             return None
         sd = self.backbone_state_dict()
