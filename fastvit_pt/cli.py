@@ -113,7 +113,14 @@ def train(recipe: str, overrides: List[str], resume: Optional[str], out: Optiona
             f"loss: {done['first_loss']:.4f} (first log) -> {done['last_loss']:.4f} (last log)\n"
             f"throughput: {done['img_per_s']:.0f} img/s (median over log intervals)"
         )
-    click.echo(f"checkpoint: {res.checkpoint}\nmetrics: {res.run_dir / 'metrics.jsonl'}  config: {res.run_dir / 'config.yaml'}")
+    click.echo(f"checkpoint: {res.checkpoint}")
+    if res.checkpoint is not None:
+        from .engine.checkpoint import exported_model
+
+        model = exported_model(res.checkpoint)
+        if model.is_file():
+            click.echo(f"backbone (timm keys, fp32): {model}")
+    click.echo(f"metrics: {res.run_dir / 'metrics.jsonl'}  config: {res.run_dir / 'config.yaml'}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

@@ -65,6 +65,7 @@ def test_dry_run_and_train_end_to_end(fmnist_small, tmp_path):
     r = run("train", "recipes/demo/mae_fmnist.yaml", *over)
     assert r.returncode == 0, r.stderr
     assert "loss:" in r.stdout and "img/s" in r.stdout and "checkpoint-0001.pt" in r.stdout
+    assert f"backbone (timm keys, fp32): {tmp_path / 'run' / 'model-0001.pt'}" in r.stdout
     r = run("analyze", "recon", str(tmp_path / "run"), "--data", str(fmnist_small / "test"), "-n", "4")
     assert r.returncode == 0, r.stderr
     from PIL import Image

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -23,6 +24,8 @@ from .env import DistEnv, resolve_precision
 
 # DeepSpeed's own progress print; ours is the progress bar and metrics.jsonl
 _NEVER = 2**31 - 1
+# ZeRO's all-gather goes through a torch API deprecated in 2.14; the warning is DeepSpeed's to fix, not the user's
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
 def deepspeed_config(cfg: Config, world_size: int, precision: Optional[str] = None) -> Dict[str, Any]:

@@ -123,6 +123,15 @@ def _read(path: Path, map_location) -> Dict[str, Any]:
     return state
 
 
+def exported_model(checkpoint: str | Path) -> Path:
+    """The `model-NNNN.pt` written beside `checkpoint-NNNN[.pt]`."""
+    checkpoint = Path(checkpoint)
+    m = _NAME.match(checkpoint.name)
+    if not m:
+        raise CheckpointError(f"{checkpoint} is not named checkpoint-NNNN(.pt)")
+    return model_path(checkpoint.parent, int(m.group(1)))
+
+
 def method_state_dict(path: str | Path, state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """The whole method's weights from a checkpoint `load_checkpoint` read: a file holds them itself; a
     DeepSpeed directory holds them in DeepSpeed's module file (replicated under ZeRO 0-2)."""
