@@ -1,0 +1,1 @@
+"""Evaluation: importing backbones from any checkpoint layout, exporting them for timm, k-NN."""
