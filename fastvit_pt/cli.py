@@ -349,6 +349,32 @@ def bench_loader_cmd(data_path, beton, backends, workers, batch, img_size, epoch
     _write_json(res, json_path)
 
 
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--train", "train_data", required=True, help="Feature bank: a class-folder tree or a .beton.")
+@click.option("--test", "test_data", required=True, help="Scored images: a class-folder tree or a .beton.")
+@click.option("--model", default=None, help="Encoder name (default: the run's, or vit_tiny_patch16).")
+@click.option("--img-size", type=int, default=None)
+@click.option("--patch-size", type=int, default=None)
+@click.option("-k", "k", default=20, show_default=True)
+@click.option("--temperature", default=0.07, show_default=True)
+@click.option("--batch", default=256, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
+def knn(checkpoint, train_data, test_data, model, img_size, patch_size, k, temperature, batch, workers, device, json_path):
+    """Weighted k-NN accuracy (cosine, k=20, T=0.07) of the backbone in CHECKPOINT: a fastvit checkpoint, run
+    directory or exported model, a facebookresearch/mae or mae-lite checkpoint, or a timm state dict."""
+    from .eval.knn import evaluate_knn
+
+    res = evaluate_knn(checkpoint, train_data, test_data, model, img_size, patch_size, k, temperature, batch, workers,
+                       device)
+    click.echo(res["import"])
+    click.echo(f"k-NN (k={k}, T={temperature}) on {res['test_images']} images, bank of {res['train_images']}: "
+               f"top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}%")
+    _write_json(res, json_path)
+
+
 @main.group()
 def analyze() -> None:
     """Look inside a trained model."""

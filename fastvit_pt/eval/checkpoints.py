@@ -112,6 +112,25 @@ def _split(sd: Dict[str, torch.Tensor], prefix: str, desc: str):
     return enc, desc, dict(ignored)
 
 
+def run_config(path: str | Path):
+    """The fastvit Config of the run a checkpoint belongs to (its stored config, or the run directory's
+    config.yaml beside an exported model-NNNN.pt), or None for checkpoints from elsewhere."""
+    from ..config import config_from_dict, load_config
+
+    path = Path(path)
+    if path.is_dir() and not (path / META).is_file():
+        if (path / "config.yaml").is_file():
+            return load_config(path / "config.yaml")
+        path = latest_checkpoint(path) or path
+    if path.is_dir() or path.name.startswith("checkpoint-"):
+        try:
+            return config_from_dict(load_checkpoint(path)["config"])
+        except (CheckpointError, KeyError):
+            return None
+    beside = path.parent / "config.yaml"
+    return load_config(beside) if beside.is_file() else None
+
+
 def load_backbone(model: nn.Module, path: str | Path) -> ImportReport:
     """Load the encoder weights found in `path` into `model` (a VisionTransformer). The classifier head and a
     final norm the model does not have (MAE's avg-pool fine-tuning uses a fresh fc_norm) are reported as

@@ -1,0 +1,88 @@
+"""Weighted k-NN classification on frozen features (k=20, cosine similarity, temperature 0.07), the
+protocol of DINO and of mae-lite's analysis: each of the k nearest training samples votes for its class
+with weight exp(similarity / T)."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, loader, max_batches: int | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pooled pre-logit features of every image the loader yields: ([N, D] float32, [N] int64), on the host.
+    `encoder` is a VisionTransformer (its own pooling: cls token, or the patch average with fc_norm)."""
+    encoder.eval()
+    feats, labels = [], []
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        f = encoder.forward_head(encoder.forward_features(batch.images), pre_logits=True)
+        feats.append(f.float().cpu())
+        labels.append(batch.labels.cpu())
+    if not feats:
+        raise ValueError("extract_features: the loader yielded no batches")
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,
+                k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Class scores [M, num_classes] for each test feature: the weighted votes of its k nearest neighbours."""
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"k-NN needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    k = min(k, train_feats.shape[0])
+    bank = F.normalize(train_feats.float(), dim=1)
+    out = []
+    for start in range(0, test_feats.shape[0], chunk):  # [chunk, N] similarities at a time
+        q = F.normalize(test_feats[start:start + chunk].float(), dim=1)
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(q.shape[0], num_classes)
+        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        out.append(votes)
+    return torch.cat(out)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
+    """{"top1": %, "top5": %} (a k larger than the class count counts every sample as correct)."""
+    order = scores.argsort(dim=1, descending=True)
+    hits = order == labels[:, None]
+    return {f"top{k}": round(100.0 * hits[:, :k].any(dim=1).float().mean().item(), 2) for k in ks}
+
+
+def evaluate_knn(checkpoint: str, train_data: str, test_data: str, model: str | None = None, img_size: int | None = None,
+                 patch_size: int | None = None, k: int = 20, temperature: float = 0.07, batch: int = 256,
+                 workers: int = 2, device: str = "auto") -> dict:
+    """k-NN top-1/top-5 of the backbone in `checkpoint` (any layout `load_backbone` reads): features of
+    `train_data` are the bank, `test_data` is scored. Model name and sizes come from the run's config when
+    the checkpoint is ours, else from the arguments (default ViT-Tiny/16 at 224)."""
+    import pipelines
+
+    from ..distributed.env import pick_device
+    from ..models import create_model
+    from .checkpoints import load_backbone, run_config
+
+    cfg = run_config(checkpoint)
+    name = model or (cfg.model.name.removeprefix("mae_") if cfg else "vit_tiny_patch16")
+    size = img_size or (cfg.model.img_size if cfg else 224)
+    patch = patch_size or (cfg.model.patch_size if cfg else 16)
+    dev = pick_device(device)
+    encoder = create_model(name, img_size=size, patch_size=patch, num_classes=0)
+    report = load_backbone(encoder, checkpoint)
+    encoder.to(dev)
+
+    def features(path: str):
+        backend = "ffcv" if str(path).endswith(".beton") else "torchvision"
+        pcfg = pipelines.PipelineConfig(backend=backend, path=str(path), workers=workers)
+        pcfg.validate()
+        loader = pipelines.build_loader(pcfg, img_size=size, batch_size=batch, device=dev, train=False, drop_last=False)
+        return extract_features(encoder, loader), len(loader.classes)
+
+    (xtr, ytr), n_classes = features(train_data)
+    (xte, yte), _ = features(test_data)
+    n_classes = max(n_classes, int(ytr.max()) + 1, int(yte.max()) + 1)
+    acc = topk_accuracy(knn_predict(xtr, ytr, xte, n_classes, k, temperature), yte)
+    return {**acc, "k": k, "temperature": temperature, "train_images": len(ytr), "test_images": len(yte),
+            "model": name, "img_size": size, "checkpoint": str(checkpoint), "import": str(report)}
