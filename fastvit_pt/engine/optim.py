@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -53,3 +53,35 @@ class WarmupCosine:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def vit_layer_id(name: str, depth: int) -> int:
+    """MAE/BEiT layer index of a ViT parameter: 0 for the embeddings (cls token, position, patches), i + 1 for
+    block i, depth + 1 for everything after the blocks (norms, head)."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float, depth: int,
+                       no_decay: Iterable[str] = ("pos_embed", "cls_token")) -> List[Dict]:
+    """Fine-tuning parameter groups with layer-wise lr decay (MAE's param_groups_lrd): a parameter at layer
+    id l gets lr_scale = layer_decay ** (depth + 1 - l), so the head trains at the full rate, block i at
+    decay^(depth - i) and the embeddings at decay^(depth + 1). No weight decay on biases, norms (1-D) and the
+    `no_decay` names. `set_lr` applies the scales."""
+    skip = set(no_decay)
+    groups: Dict[Tuple[int, bool], Dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decays = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
+        lid = vit_layer_id(name, depth)
+        g = groups.setdefault((lid, decays), {
+            "params": [], "names": [], "weight_decay": weight_decay if decays else 0.0,
+            "lr_scale": layer_decay ** (depth + 1 - lid), "layer_id": lid,
+        })
+        g["params"].append(p)
+        g["names"].append(name)
+    return [groups[key] for key in sorted(groups)]

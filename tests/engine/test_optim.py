@@ -38,3 +38,25 @@ def test_warmup_then_cosine():
     assert s(100) == pytest.approx(0.1)
     values = [s(i) for i in range(10, 101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_layer_decay_scales_for_depth_12_and_decay_0_85():
+    from fastvit_pt.engine.optim import layer_decay_groups, set_lr
+    from fastvit_pt.models import create_model
+
+    vit = create_model("vit_tiny_patch16", global_pool="avg", num_classes=10)
+    groups = layer_decay_groups(vit, 0.05, 0.85, depth=12)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    wd = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert scale["cls_token"] == scale["pos_embed"] == scale["patch_embed.proj.weight"] == 0.85**13
+    for i in range(12):
+        assert scale[f"blocks.{i}.attn.qkv.weight"] == scale[f"blocks.{i}.norm1.bias"] == 0.85 ** (12 - i)
+    assert scale["head.weight"] == scale["fc_norm.weight"] == 1.0
+    assert round(0.85**13, 6) == 0.120905 and round(0.85**12, 6) == 0.142242  # the values written out
+    assert wd["blocks.0.attn.qkv.weight"] == wd["head.weight"] == wd["patch_embed.proj.weight"] == 0.05
+    assert wd["cls_token"] == wd["pos_embed"] == wd["blocks.3.mlp.fc1.bias"] == wd["fc_norm.weight"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in vit.parameters() if p.requires_grad)
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=1.0)
+    set_lr(opt, 1e-3)
+    lrs = {n: pg["lr"] for pg, g in zip(opt.param_groups, groups) for n in g["names"]}
+    assert lrs["head.bias"] == 1e-3 and lrs["pos_embed"] == 1e-3 * 0.85**13
