@@ -375,6 +375,37 @@ def knn(checkpoint, train_data, test_data, model, img_size, patch_size, k, tempe
     _write_json(res, json_path)
 
 
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--train", "train_data", required=True, help="Training images: a class-folder tree or a .beton.")
+@click.option("--test", "test_data", required=True, help="Evaluation images: a class-folder tree or a .beton.")
+@click.option("--epochs", default=90, show_default=True)
+@click.option("--blr", default=0.1, show_default=True,
+              help="Base lr; lr = blr x batch / 256. MAE: 0.1 at batch 16384 (lr 6.4); LARS at small batches needs "
+                   "a larger blr for the same lr.")
+@click.option("--batch", default=256, show_default=True)
+@click.option("--optimizer", type=click.Choice(["lars", "sgd"]), default="lars", show_default=True)
+@click.option("--model", default=None, help="Encoder name (default: the run's, or vit_tiny_patch16).")
+@click.option("--img-size", type=int, default=None)
+@click.option("--patch-size", type=int, default=None)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
+def linprobe(checkpoint, train_data, test_data, epochs, blr, batch, optimizer, model, img_size, patch_size, workers,
+             device, seed, json_path):
+    """Linear-probe accuracy (BatchNorm without affine + linear, LARS, on frozen features) of the backbone in
+    CHECKPOINT (any layout `fastvit knn` reads)."""
+    from .eval.linprobe import evaluate_linear_probe
+
+    res = evaluate_linear_probe(checkpoint, train_data, test_data, epochs, blr, batch, optimizer, model, img_size,
+                                patch_size, workers, device, seed)
+    click.echo(res["import"])
+    click.echo(f"linear probe ({optimizer}, {epochs} epochs, lr {res['lr']:g}) on {res['test_images']} images: "
+               f"top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}%")
+    _write_json(res, json_path)
+
+
 @main.group()
 def analyze() -> None:
     """Look inside a trained model."""

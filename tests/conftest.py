@@ -65,3 +65,24 @@ def one_rank_reference(fmnist_small, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "run"
     run(single_cmd(*tiny_mae_overrides(fmnist_small / "train", out)))
     return out
+
+
+@pytest.fixture(scope="session")
+def fmnist_untrained_features(fmnist_small):
+    """Pooled features of an untrained (seed 0) test-size ViT on the real Fashion-MNIST subset:
+    ((train [1000, 32], labels), (test [1000, 32], labels))."""
+    import torch
+
+    import pipelines
+    from fastvit_pt.eval.knn import extract_features
+    from fastvit_pt.models import create_model
+
+    torch.manual_seed(0)
+    enc = create_model("vit_test", img_size=28, patch_size=4, num_classes=0)
+
+    def feats(split):
+        cfg = pipelines.PipelineConfig(backend="torchvision", path=str(fmnist_small / split), workers=0)
+        return extract_features(enc, pipelines.build_loader(cfg, img_size=28, batch_size=100, train=False,
+                                                            drop_last=False))
+
+    return feats("train"), feats("test")

@@ -52,12 +52,12 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
     return {f"top{k}": round(100.0 * hits[:, :k].any(dim=1).float().mean().item(), 2) for k in ks}
 
 
-def evaluate_knn(checkpoint: str, train_data: str, test_data: str, model: str | None = None, img_size: int | None = None,
-                 patch_size: int | None = None, k: int = 20, temperature: float = 0.07, batch: int = 256,
-                 workers: int = 2, device: str = "auto") -> dict:
-    """k-NN top-1/top-5 of the backbone in `checkpoint` (any layout `load_backbone` reads): features of
-    `train_data` are the bank, `test_data` is scored. Model name and sizes come from the run's config when
-    the checkpoint is ours, else from the arguments (default ViT-Tiny/16 at 224)."""
+def backbone_features(checkpoint: str, train_data: str, test_data: str, model: str | None = None,
+                      img_size: int | None = None, patch_size: int | None = None, workers: int = 2,
+                      device: str = "auto", batch: int = 256):
+    """Frozen features of the backbone in `checkpoint` on two data sets (class-folder trees or .beton files,
+    evaluation crops). Model name and sizes come from the run's config when the checkpoint is ours, else from
+    the arguments (default ViT-Tiny/16 at 224). Returns (train, test, class count, info)."""
     import pipelines
 
     from ..distributed.env import pick_device
@@ -83,6 +83,17 @@ def evaluate_knn(checkpoint: str, train_data: str, test_data: str, model: str | 
     (xtr, ytr), n_classes = features(train_data)
     (xte, yte), _ = features(test_data)
     n_classes = max(n_classes, int(ytr.max()) + 1, int(yte.max()) + 1)
+    info = {"train_images": len(ytr), "test_images": len(yte), "model": name, "img_size": size,
+            "checkpoint": str(checkpoint), "import": str(report)}
+    return (xtr, ytr), (xte, yte), n_classes, info
+
+
+def evaluate_knn(checkpoint: str, train_data: str, test_data: str, model: str | None = None, img_size: int | None = None,
+                 patch_size: int | None = None, k: int = 20, temperature: float = 0.07, batch: int = 256,
+                 workers: int = 2, device: str = "auto") -> dict:
+    """k-NN top-1/top-5 of the backbone in `checkpoint` (any layout `load_backbone` reads): features of
+    `train_data` are the bank, `test_data` is scored."""
+    (xtr, ytr), (xte, yte), n_classes, info = backbone_features(checkpoint, train_data, test_data, model, img_size,
+                                                                patch_size, workers, device, batch)
     acc = topk_accuracy(knn_predict(xtr, ytr, xte, n_classes, k, temperature), yte)
-    return {**acc, "k": k, "temperature": temperature, "train_images": len(ytr), "test_images": len(yte),
-            "model": name, "img_size": size, "checkpoint": str(checkpoint), "import": str(report)}
+    return {**acc, "k": k, "temperature": temperature, **info}

@@ -1,7 +1,7 @@
 """k-NN on a case worked by hand, and on real Fashion-MNIST features."""
 import torch
 
-from fastvit_pt.eval.knn import extract_features, knn_predict, topk_accuracy
+from fastvit_pt.eval.knn import knn_predict, topk_accuracy
 
 
 def test_knn_votes_by_hand():
@@ -16,22 +16,9 @@ def test_knn_votes_by_hand():
     assert topk_accuracy(scores, torch.tensor([0, 0]), ks=(1, 2)) == {"top1": 50.0, "top2": 100.0}
 
 
-def test_knn_on_real_fashion_mnist_beats_chance_by_far(fmnist_small):
+def test_knn_on_real_fashion_mnist_beats_chance_by_far(fmnist_untrained_features):
     """Even an untrained ViT's features separate Fashion-MNIST classes: 10 classes, chance 10%."""
-    import pipelines
-
-    from fastvit_pt.models import create_model
-
-    torch.manual_seed(0)
-    enc = create_model("vit_test", img_size=28, patch_size=4, num_classes=0)
-    cfg = pipelines.PipelineConfig(backend="torchvision", workers=0)
-
-    def feats(split):
-        cfg.path = str(fmnist_small / split)
-        loader = pipelines.build_loader(cfg, img_size=28, batch_size=100, train=False, drop_last=False)
-        return extract_features(enc, loader)
-
-    (xtr, ytr), (xte, yte) = feats("train"), feats("test")
+    (xtr, ytr), (xte, yte) = fmnist_untrained_features
     assert xtr.shape == (1000, 32) and xte.shape == (1000, 32)
     acc = topk_accuracy(knn_predict(xtr, ytr, xte, num_classes=10), yte)
     assert acc["top1"] > 35.0 and acc["top5"] > 75.0, acc  # measured 48.3 / 91.3 at seed 0
@@ -58,3 +45,9 @@ def test_knn_command_reads_a_run_and_its_exported_backbone(fmnist_small, tmp_pat
         results.append(json.loads(out.read_text()))
     assert results[0]["model"] == "vit_test" and results[0]["img_size"] == 28  # from the run's config
     assert results[0]["top1"] == results[1]["top1"] > 35.0  # the same backbone either way
+    r = subprocess.run([sys.executable, "-m", "fastvit_pt.cli", "linprobe", str(tmp_path / "run"), "--train",
+                        str(fmnist_small / "train"), "--test", str(fmnist_small / "test"), "--workers", "0",
+                        "--epochs", "10", "--batch", "100", "--optimizer", "sgd"], capture_output=True, text=True,
+                       cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "linear probe (sgd, 10 epochs, lr 0.0390625) on 1000 images: top-1" in r.stdout
