@@ -45,6 +45,18 @@ def vit_tiny_patch16(**kw) -> VisionTransformer:
 
 
 @register_model
+def vit_tiny_patch16_rpe(**kw) -> VisionTransformer:
+    """ViT-Tiny with a relative position bias in every block (BEiT-style), for fine-tuning."""
+    return _vit("tiny", **{"rel_pos_bias": True, **kw})
+
+
+@register_model
+def vit_test_rpe(**kw) -> VisionTransformer:
+    """vit_test with relative position bias, for tests."""
+    return _vit("test", **{"rel_pos_bias": True, **kw})
+
+
+@register_model
 def vit_small_patch16(**kw) -> VisionTransformer:
     return _vit("small", **kw)
 

@@ -65,8 +65,22 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def relative_position_index(grid: Tuple[int, int]) -> torch.Tensor:
+    """BEiT's index into a relative-position table for 1 + Wh*Ww tokens: [T, T] int64. Patch pairs index
+    their (dy, dx) offset; the last three entries are cls->patch, patch->cls and cls->cls."""
+    wh, ww = grid
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)  # [2, L]
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # [L, L, 2]
+    table = (2 * wh - 1) * (2 * ww - 1)
+    index = torch.zeros(wh * ww + 1, wh * ww + 1, dtype=torch.long)
+    index[1:, 1:] = (rel[..., 0] + wh - 1) * (2 * ww - 1) + rel[..., 1] + ww - 1
+    index[0, 1:], index[1:, 0], index[0, 0] = table, table + 1, table + 2
+    return index
+
+
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_impl: str = "sdpa"):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_impl: str = "sdpa",
+                 rel_pos_grid: Optional[Tuple[int, int]] = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -78,17 +92,36 @@ class Attention(nn.Module):
         self.attn_impl = attn_impl
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table: Optional[nn.Parameter] = None
+        if rel_pos_grid is not None:  # per-layer relative position bias (BEiT's names, zero-initialised: a
+            # model fine-tuned from a checkpoint without it starts as that checkpoint)
+            wh, ww = rel_pos_grid
+            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1) + 3, num_heads))
+            self.register_buffer("relative_position_index", relative_position_index(rel_pos_grid), persistent=False)
+
+    def _rel_pos_bias(self, n: int) -> Optional[torch.Tensor]:
+        """[H, N, N] additive bias, or None without relative positions."""
+        if self.relative_position_bias_table is None:
+            return None
+        if n != self.relative_position_index.shape[0]:
+            raise ValueError(f"relative position bias is defined for all {self.relative_position_index.shape[0]} tokens, "
+                             f"got {n}: RPE models are for fine-tuning on whole images, not masked pre-training")
+        return self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor, return_logits: bool = False):
         """x: [B, N, C] -> [B, N, C]; with return_logits also the pre-softmax q.k^T/sqrt(d): [B, H, N, N]."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self._rel_pos_bias(N)
         if return_logits or self.attn_impl == "math":
             logits = (q * self.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                logits = logits + bias
             out = logits.softmax(dim=-1) @ v
         else:
             logits = None
-            out = F.scaled_dot_product_attention(q, k, v)
+            mask = None if bias is None else bias.unsqueeze(0).to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = self.proj(out.transpose(1, 2).reshape(B, N, C))
         return (out, logits) if return_logits else out
 
@@ -114,10 +147,11 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         norm_eps: float = 1e-6,
         attn_impl: str = "sdpa",
+        rel_pos_grid: Optional[Tuple[int, int]] = None,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_impl=attn_impl)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_impl=attn_impl, rel_pos_grid=rel_pos_grid)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
@@ -154,6 +188,7 @@ class VisionTransformer(nn.Module):
         pos_embed: str = "learn",
         norm_eps: float = 1e-6,
         attn_impl: str = "sdpa",
+        rel_pos_bias: bool = False,
     ):
         super().__init__()
         if global_pool not in ("token", "avg"):
@@ -169,7 +204,8 @@ class VisionTransformer(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.Sequential(
             *[
-                Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], norm_eps, attn_impl=attn_impl)
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], norm_eps, attn_impl=attn_impl,
+                      rel_pos_grid=(self.patch_embed.grid_size,) * 2 if rel_pos_bias else None)
                 for i in range(depth)
             ]
         )

@@ -93,3 +93,29 @@ def test_max_depth_stops_early():
         manual = m.blocks[1](m.blocks[0](x))
     torch.testing.assert_close(partial, manual)
     assert list(logits) == [1]
+
+
+def test_relative_position_bias():
+    from fastvit_pt.models.vit import relative_position_index
+
+    idx = relative_position_index((2, 2))
+    assert idx.shape == (5, 5) and idx[0, 0] == 3 * 3 + 2 and idx[0, 1] == 9 and idx[1, 0] == 10
+    assert idx[1, 1] == idx[2, 2] == idx[4, 4] == 4  # zero offset: the centre of the 3 x 3 table
+    assert idx[1, 2] == idx[3, 4] != idx[2, 1]  # same (dy, dx) shares an entry; the opposite offset does not
+    torch.manual_seed(0)
+    plain = create_model("vit_test", img_size=32, patch_size=8, num_classes=5).eval()
+    rpe = create_model("vit_test_rpe", img_size=32, patch_size=8, num_classes=5).eval()
+    missing = rpe.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == [f"blocks.{i}.attn.relative_position_bias_table" for i in range(2)]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rpe(x), plain(x))  # zero-initialised: starts as the plain model
+        for blk in rpe.blocks:
+            blk.attn.relative_position_bias_table.normal_(std=0.5)
+        biased = rpe(x)
+        assert not torch.allclose(biased, plain(x))
+        for blk in rpe.blocks:
+            blk.attn.attn_impl = "math"
+        torch.testing.assert_close(rpe(x), biased, rtol=1e-4, atol=1e-5)  # SDPA with the bias == explicit
+    with pytest.raises(ValueError, match="RPE models are for fine-tuning"):
+        rpe.blocks[0].attn(torch.randn(1, 7, 32))
