@@ -9,18 +9,7 @@ import numpy as np
 import torch
 
 from ..config import config_from_dict
-from ..engine.checkpoint import META, CheckpointError, latest_checkpoint, load_checkpoint, method_state_dict
-
-
-def _resolve(checkpoint: str | Path) -> Path:
-    """A checkpoint file or DeepSpeed checkpoint directory as it is; a run directory: its newest checkpoint."""
-    p = Path(checkpoint)
-    if p.is_dir() and not (p / META).is_file():
-        found = latest_checkpoint(p)
-        if found is None:
-            raise CheckpointError(f"no checkpoint in {p}")
-        return found
-    return p
+from ..engine.checkpoint import load_checkpoint, method_state_dict, resolve_checkpoint
 
 
 def save_reconstructions(
@@ -30,7 +19,7 @@ def save_reconstructions(
 
     from ..methods import build_method
 
-    ckpt_path = _resolve(checkpoint)
+    ckpt_path = resolve_checkpoint(checkpoint)
     state = load_checkpoint(ckpt_path)
     cfg = config_from_dict(state["config"])
     method = build_method(cfg, attn_impl="sdpa")

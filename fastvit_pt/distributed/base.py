@@ -91,5 +91,4 @@ class Engine:
     def export(self, path: Path, checkpoint: Optional[Path] = None) -> Optional[Path]:
         """Write the backbone as a plain state dict (loads into timm's VisionTransformer). Every rank calls it,
         after `save` wrote `checkpoint`."""
-        sd = self.backbone_state_dict()
-        return save_checkpoint(path, sd) if self.env.is_main else None
+        return save_checkpoint(path, self.backbone_state_dict()) if self.env.is_main else None

@@ -156,6 +156,17 @@ def _numbered(run_dir: str | Path, pattern: re.Pattern):
     return sorted((int(m.group(1)), p) for p in Path(run_dir).glob("*") if (m := pattern.match(p.name)))
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file or DeepSpeed checkpoint directory as it is; a run directory: its newest checkpoint."""
+    path = Path(path)
+    if path.is_dir() and not (path / META).is_file():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"no checkpoint in {path}")
+        return found
+    return path
+
+
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     """The newest complete checkpoint (file or directory) in `run_dir`, or None."""
     found = [(n, p) for n, p in _numbered(run_dir, _NAME) if _complete(p)]

@@ -20,7 +20,14 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn as nn
 
-from ..engine.checkpoint import META, CheckpointError, latest_checkpoint, load_checkpoint, method_state_dict
+from ..engine.checkpoint import (
+    META,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    method_state_dict,
+    resolve_checkpoint,
+)
 
 _DECODER = ("decoder_", "mask_token")
 
@@ -56,12 +63,7 @@ def _torch_load(path: Path) -> Dict:
 
 def read_backbone(path: str | Path) -> Tuple[Dict[str, torch.Tensor], str, Dict[str, int]]:
     """(encoder state dict with timm keys, a description of the layout found, ignored key groups)."""
-    path = Path(path)
-    if path.is_dir() and not (path / META).is_file():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"no checkpoint in {path}")
-        path = found
+    path = resolve_checkpoint(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
