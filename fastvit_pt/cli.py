@@ -64,8 +64,9 @@ def _write_json(res: dict, json_path: Optional[str]) -> None:
 def _load(recipe: str, overrides: List[str], out: Optional[str] = None):
     from .config import load_config
 
-    cfg = load_config(recipe, list(overrides) + ([f"train.out_dir={out}"] if out else []))
-    return cfg
+    # `init=PATH` is short for finetune.init=PATH
+    overrides = [f"finetune.{o}" if o.startswith("init=") else o for o in overrides]
+    return load_config(recipe, overrides + ([f"train.out_dir={out}"] if out else []))
 
 
 @click.group(cls=_UserErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,16 +77,43 @@ def main(local_rank: Optional[int]) -> None:
     """Self-supervised pre-training of lightweight ViTs (MAE-lite), as fast as the hardware allows."""
 
 
+def _run_options(f):
+    """RECIPE, KEY=VALUE overrides, --resume, --out, --dry-run: what train and finetune share."""
+    for deco in reversed([
+        click.argument("recipe", type=click.Path(dir_okay=False)),
+        click.argument("overrides", nargs=-1),
+        click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[PATH]",
+                     help="Resume from PATH, or alone: the latest checkpoint in the run directory."),
+        click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (train.out_dir)."),
+        click.option("--dry-run", is_flag=True, help="Resolve and build everything, print the plan, train nothing."),
+    ]):
+        f = deco(f)
+    return f
+
+
 @main.command(context_settings={"ignore_unknown_options": False})
-@click.argument("recipe", type=click.Path(dir_okay=False))
-@click.argument("overrides", nargs=-1)
-@click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[PATH]",
-              help="Resume from PATH, or alone: the latest checkpoint in the run directory.")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (train.out_dir).")
-@click.option("--dry-run", is_flag=True, help="Resolve and build everything, print the plan, train nothing.")
+@_run_options
 def train(recipe: str, overrides: List[str], resume: Optional[str], out: Optional[str], dry_run: bool) -> None:
-    """Pre-train with RECIPE; KEY=VALUE pairs override it (optim.blr=1e-4 train.epochs=10)."""
+    """Pre-train (or fine-tune) with RECIPE; KEY=VALUE pairs override it (optim.blr=1e-4 train.epochs=10)."""
+    _run(_load(recipe, overrides, out), resume, dry_run)
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@_run_options
+def finetune(recipe: str, overrides: List[str], resume: Optional[str], out: Optional[str], dry_run: bool) -> None:
+    """Fine-tune a pre-trained backbone with RECIPE (method.name: finetune): init=CHECKPOINT (any layout
+    `fastvit knn` reads, or init=scratch) and KEY=VALUE overrides. Evaluates on eval.path every
+    eval.every_epochs and keeps the best weights as model-best.pt."""
+    from .config import ConfigError
+
     cfg = _load(recipe, overrides, out)
+    if cfg.method.name != "finetune":
+        raise ConfigError(f"{recipe} trains method {cfg.method.name!r}; fastvit finetune needs a fine-tuning recipe "
+                          "(method.name: finetune, e.g. recipes/finetune_tiny_300ep.yaml). Pre-train with fastvit train.")
+    _run(cfg, resume, dry_run)
+
+
+def _run(cfg, resume: Optional[str], dry_run: bool) -> None:
     if dry_run:
         from .engine.plan import describe_plan
 
@@ -120,6 +148,12 @@ def train(recipe: str, overrides: List[str], resume: Optional[str], out: Optiona
         model = exported_model(res.checkpoint)
         if model.is_file():
             click.echo(f"backbone (timm keys, fp32): {model}")
+    if res.best is not None:
+        from .engine.evaluate import BEST_MODEL
+
+        b = res.best
+        click.echo(f"eval: best top-1 {b['top1']:.2f}% (top-5 {b['top5']:.2f}%) at epoch {b['epoch']} on "
+                   f"{b['images']} images; its weights: {res.run_dir / BEST_MODEL}")
     click.echo(f"metrics: {res.run_dir / 'metrics.jsonl'}  config: {res.run_dir / 'config.yaml'}")
 
 
@@ -361,14 +395,17 @@ def bench_loader_cmd(data_path, beton, backends, workers, batch, img_size, epoch
 @click.option("--batch", default=256, show_default=True)
 @click.option("--workers", default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Initialisation seed for CHECKPOINT=scratch.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
-def knn(checkpoint, train_data, test_data, model, img_size, patch_size, k, temperature, batch, workers, device, json_path):
+def knn(checkpoint, train_data, test_data, model, img_size, patch_size, k, temperature, batch, workers, device, seed,
+        json_path):
     """Weighted k-NN accuracy (cosine, k=20, T=0.07) of the backbone in CHECKPOINT: a fastvit checkpoint, run
-    directory or exported model, a facebookresearch/mae or mae-lite checkpoint, or a timm state dict."""
+    directory or exported model, a facebookresearch/mae or mae-lite checkpoint, a timm state dict, or
+    `scratch` (a random initialisation, the baseline)."""
     from .eval.knn import evaluate_knn
 
     res = evaluate_knn(checkpoint, train_data, test_data, model, img_size, patch_size, k, temperature, batch, workers,
-                       device)
+                       device, seed)
     click.echo(res["import"])
     click.echo(f"k-NN (k={k}, T={temperature}) on {res['test_images']} images, bank of {res['train_images']}: "
                f"top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}%")
@@ -390,7 +427,7 @@ def knn(checkpoint, train_data, test_data, model, img_size, patch_size, k, tempe
 @click.option("--patch-size", type=int, default=None)
 @click.option("--workers", default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Probe seed (and initialisation seed for CHECKPOINT=scratch).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
 def linprobe(checkpoint, train_data, test_data, epochs, blr, batch, optimizer, model, img_size, patch_size, workers,
              device, seed, json_path):
@@ -404,6 +441,15 @@ def linprobe(checkpoint, train_data, test_data, epochs, blr, batch, optimizer, m
     click.echo(f"linear probe ({optimizer}, {epochs} epochs, lr {res['lr']:g}) on {res['test_images']} images: "
                f"top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}%")
     _write_json(res, json_path)
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+def report(runs) -> None:
+    """Compare run directories side by side (markdown): init, epochs, best / last eval top-1, last loss."""
+    from .engine.metrics import runs_table
+
+    click.echo(runs_table(runs))
 
 
 @main.group()

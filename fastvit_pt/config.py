@@ -21,6 +21,7 @@ from pipelines.config import PipelineConfig
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ENGINES = ("torch", "deepspeed")
 ATTN_IMPLS = ("auto", "sdpa", "math")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,37 @@ class MethodConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """method.name=finetune: supervised training of a classifier from a pre-trained backbone."""
+
+    init: Optional[str] = None
+    """The backbone to start from: any checkpoint `fastvit knn` reads (ours, mae-lite's, facebookresearch/mae's,
+    timm's), or `scratch` for random initialisation. Required. Its head is never kept: a fresh one is trained."""
+    global_pool: str = "avg"
+    """Classifier pooling: avg (mean of the patch tokens, then fc_norm: mae-lite's improved recipe) or token."""
+    layer_decay: float = 0.85
+    """Layer-wise lr decay: block i trains at decay^(depth - i) of the peak, the embeddings at decay^(depth + 1)."""
+    mixup: float = 0.2
+    """Mixup alpha (0 = off); timm's Mixup, applied to the batch on the device."""
+    cutmix: float = 0.0
+    """CutMix alpha (0 = off); with mixup > 0 too, each batch picks one of them at random."""
+    smoothing: float = 0.0
+    """Label smoothing."""
+    reprob: float = 0.0
+    """Random-erasing probability (timm's RandomErasing, per-pixel noise, on the device)."""
+
+
+@dataclass
+class EvalConfig:
+    path: str = ""
+    """Held-out images (class-folder tree, or .beton) scored during training; empty = no evaluation."""
+    every_epochs: int = 1
+    """Epochs between evaluations; the last epoch is always evaluated."""
+    micro_batch: int = 256
+    """Images per evaluation forward pass on one rank."""
+
+
+@dataclass
 class OptimConfig:
     blr: float = 1.5e-4
     """Base learning rate; the applied peak is blr * train.global_batch / 256."""
@@ -71,6 +103,12 @@ class OptimConfig:
     """Linear warm-up length, applied per iteration."""
     clip_grad: Optional[float] = None
     """Clip the global gradient norm to this value; null disables."""
+    optimizer: str = "adamw"
+    """adamw, or sgd (momentum, Nesterov: mae-lite's transfer recipe)."""
+    momentum: float = 0.9
+    """optimizer=sgd: momentum."""
+    nesterov: bool = True
+    """optimizer=sgd: Nesterov momentum."""
     fused: Optional[bool] = None
     """AdamW implementation: true = fused kernel (CUDA), false = foreach, null = fused on CUDA else foreach."""
 
@@ -128,6 +166,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
         m, e, t = self.model, self.engine, self.train
@@ -137,6 +177,20 @@ class Config:
             raise ConfigError(f"model.attn_impl: expected one of {', '.join(ATTN_IMPLS)}, got {m.attn_impl!r}")
         if not 0.0 < self.method.mask_ratio < 1.0:
             raise ConfigError(f"method.mask_ratio must be in (0, 1), got {self.method.mask_ratio}")
+        f = self.finetune
+        if f.global_pool not in ("avg", "token"):
+            raise ConfigError(f"finetune.global_pool: expected avg or token, got {f.global_pool!r}")
+        if not 0.0 < f.layer_decay <= 1.0:
+            raise ConfigError(f"finetune.layer_decay must be in (0, 1], got {f.layer_decay}")
+        for key in ("mixup", "cutmix", "smoothing", "reprob"):
+            if getattr(f, key) < 0:
+                raise ConfigError(f"finetune.{key} must be >= 0, got {getattr(f, key)}")
+        if f.smoothing >= 1 or f.reprob > 1:
+            raise ConfigError("finetune.smoothing must be < 1 and finetune.reprob <= 1")
+        if self.eval.every_epochs < 1 or self.eval.micro_batch < 1:
+            raise ConfigError("eval.every_epochs and eval.micro_batch must be >= 1")
+        if self.optim.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optim.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optim.optimizer!r}")
         if e.kind not in ENGINES:
             raise ConfigError(f"engine.kind: expected one of {', '.join(ENGINES)}, got {e.kind!r}")
         if e.zero_stage not in (0, 1, 2):

@@ -29,6 +29,18 @@ from .folder import scan_folder
 _FILTERS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, with PIL's old meaning of 0 bits (a black image): at magnitude 10 timm's
+    PosterizeIncreasing keeps 0 bits, which Pillow >= 11 refuses ("bits must be between or equal to 1 and 8")."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
 def train_transform(cfg: PipelineConfig, img_size: int) -> v2.Transform:
     """RandomResizedCrop (scale, ratio, bilinear/bicubic/random filter) + horizontal flip -> uint8 CHW."""
     filters = list(_FILTERS) if cfg.interpolation == "random" else [cfg.interpolation]
@@ -41,7 +53,11 @@ def train_transform(cfg: PipelineConfig, img_size: int) -> v2.Transform:
         from timm.data.auto_augment import rand_augment_transform
 
         hparams = {"translate_const": int(img_size * 0.45), "img_mean": tuple(round(255 * x) for x in cfg.mean)}
-        ops.append(rand_augment_transform(cfg.randaugment, hparams))
+        ra = rand_augment_transform(cfg.randaugment, hparams)
+        for op in ra.ops:
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+        ops.append(ra)
     return v2.Compose(ops + [v2.PILToTensor()])
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..config import Config
 from ..engine.checkpoint import save_checkpoint
-from ..engine.optim import WarmupCosine, build_adamw, param_groups, set_lr
+from ..engine.optim import WarmupCosine, build_optimizer, param_groups, set_lr
 from .env import DistEnv, resolve_precision
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -53,15 +53,23 @@ class Engine:
         self.accum = accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, env.world_size)
         self.module = method.to(self.device)
         o = cfg.optim
-        self.optimizer = build_adamw(
-            param_groups(self.module, o.weight_decay), cfg.peak_lr, o.betas, o.eps, self.device, o.fused
-        )
+        # a method may bring its own groups (fine-tuning: layer-wise lr decay); else decay / no-decay
+        own_groups = getattr(method, "param_groups", None)
+        groups = own_groups(o.weight_decay) if callable(own_groups) else param_groups(self.module, o.weight_decay)
+        self.optimizer = build_optimizer(groups, o, cfg.peak_lr, self.device)
         total = cfg.train.epochs * steps_per_epoch
         self.schedule = WarmupCosine(cfg.peak_lr, total, int(round(o.warmup_epochs * steps_per_epoch)), o.min_lr)
         self.micro_step = 0
         self.global_step = 0
         self.grad_norm: Optional[torch.Tensor] = None
         self.lr = self.schedule(0)
+
+    @property
+    def autocast(self):
+        """Context for the forward pass in the compute dtype (nothing to do in fp32)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def kernels(self):
         """Context for the forward pass. On CUDA, scaled_dot_product_attention may only use fused kernels

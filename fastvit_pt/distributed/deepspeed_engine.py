@@ -8,6 +8,8 @@ FusedAdam would JIT-build for a minute or more); the learning-rate schedule stay
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import warnings
@@ -97,6 +99,11 @@ class DeepSpeedEngine(Engine):
         if cfg.engine.compile:
             self.ds.compile()
         self.zero_stage = cfg.engine.zero_stage
+
+    @property
+    def autocast(self):
+        """DeepSpeed casts the module itself to the compute dtype (bf16/fp16 sections); batches arrive in it."""
+        return contextlib.nullcontext()
 
     def __call__(self, batch) -> Dict[str, torch.Tensor]:
         with self.kernels():

@@ -28,12 +28,6 @@ class TorchEngine(Engine):
             model = torch.compile(model)
         self.model = model
 
-    @property
-    def autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
     def _syncs_this_micro_step(self) -> bool:
         return (self.micro_step + 1) % self.accum == 0
 

@@ -25,6 +25,7 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
 )
+from .evaluate import BEST_MODEL, build_eval_loader, evaluate, read_best, write_best
 from .metrics import MetricLogger, Progress, format_eta
 
 
@@ -55,6 +56,8 @@ class TrainResult:
     last_loss: Optional[float] = None
     img_per_s: Optional[float] = None
     losses: List[float] = field(default_factory=list)  # one per log interval, for tests and summaries
+    evals: List[dict] = field(default_factory=list)  # {"epoch", "top1", "top5", "loss", "images"} per evaluation
+    best: Optional[dict] = None  # the best evaluation so far (also in best.json; its weights in model-best.pt)
 
 
 def resolve_attn_impl(impl: str, device: torch.device, precision: str) -> str:
@@ -103,7 +106,11 @@ def build_training(cfg: Config, env: DistEnv):
             f"data.path {cfg.data.path} gives {len(loader)} micro-batches of {cfg.train.micro_batch} per rank per epoch, "
             f"fewer than one optimizer step of train.global_batch={cfg.train.global_batch}; lower the batch sizes"
         )
-    method = build_method(cfg, attn_impl=resolve_attn_impl(cfg.model.attn_impl, env.device, precision))
+    method = build_method(cfg, attn_impl=resolve_attn_impl(cfg.model.attn_impl, env.device, precision),
+                          num_classes=len(loader.classes), is_main=env.is_main)
+    if cfg.eval.path and not getattr(method, "classifies", False):
+        raise ValueError(f"eval.path is set, but method {cfg.method.name!r} does not classify; evaluation during "
+                         "training is for fine-tuning (method.name=finetune). Use fastvit knn / linprobe instead.")
     engine = build_engine(method, cfg, env, steps_per_epoch)
     return loader, method, engine, steps_per_epoch
 
@@ -157,6 +164,7 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
     state = load_checkpoint(resume_path) if resume_path else None  # fail before building anything
     seed_everything(t.seed + env.rank)
     loader, method, engine, steps_per_epoch = build_training(cfg, env)
+    eval_loader = build_eval_loader(cfg, env, engine.dtype)
     micro_per_epoch = steps_per_epoch * engine.accum
     start_epoch = 0
     if state is not None:
@@ -176,6 +184,7 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
     logger = MetricLogger(run_dir, env.is_main, t.tensorboard, append=state is not None)
     imgs_per_micro = t.micro_batch * env.world_size
     result = TrainResult(run_dir, resume_path, 0, engine.global_step, env.is_main)
+    result.best = read_best(run_dir) if state is not None else None
     last_saved = resume_path
     rates: List[float] = []
     total_steps = t.epochs * steps_per_epoch
@@ -230,6 +239,18 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
             bar.close()
             result.epochs_run += 1
             result.steps = engine.global_step
+            if eval_loader is not None and ((epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == t.epochs):
+                ev = {"epoch": epoch + 1, **evaluate(engine, eval_loader, env, f"eval {epoch + 1}/{t.epochs}")}
+                result.evals.append(ev)
+                logger.log(engine.global_step, {f"eval_{k}": v for k, v in ev.items()})
+                if result.best is None or ev["top1"] > result.best["top1"]:
+                    result.best = ev
+                    engine.export(run_dir / BEST_MODEL)  # the weights that scored, as evaluated
+                    if env.is_main:
+                        write_best(run_dir, ev)
+                if env.is_main:
+                    print(f"eval epoch {epoch + 1}: top-1 {ev['top1']:.2f}%  top-5 {ev['top5']:.2f}%  loss {ev['loss']:.4f}"
+                          f"  (best top-1 {result.best['top1']:.2f}% at epoch {result.best['epoch']})", file=sys.stderr)
             if (epoch + 1) % t.save_every_epochs == 0 or epoch + 1 == t.epochs:
                 meta = {"epoch": epoch, "rng": _gather_rng(env), "config": to_dict(cfg), "engine_kind": engine.kind}
                 path = checkpoint_path(run_dir, epoch + 1, directory=engine.checkpoint_is_dir)

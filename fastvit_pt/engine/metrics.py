@@ -68,15 +68,21 @@ def summarize_run(run_dir: Path) -> Dict[str, float]:
     if not path.is_file():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not rows:
+    train = [r for r in rows if "loss" in r]  # evaluation rows carry eval_* keys only
+    if not train:
         return {}
-    return {
-        "first_loss": rows[0]["loss"],
-        "last_loss": rows[-1]["loss"],
-        "img_per_s": statistics.median(r["img_per_s"] for r in rows),
-        "steps": rows[-1]["step"],
-        "epochs": rows[-1]["epoch"],
+    out = {
+        "first_loss": train[0]["loss"],
+        "last_loss": train[-1]["loss"],
+        "img_per_s": statistics.median(r["img_per_s"] for r in train),
+        "steps": train[-1]["step"],
+        "epochs": train[-1]["epoch"],
     }
+    evals = [r for r in rows if "eval_top1" in r]
+    if evals:
+        best = max(evals, key=lambda r: r["eval_top1"])
+        out.update(eval_top1=evals[-1]["eval_top1"], best_top1=best["eval_top1"], best_epoch=best["eval_epoch"])
+    return out
 
 
 def format_eta(seconds: float) -> str:
@@ -84,3 +90,25 @@ def format_eta(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def runs_table(run_dirs) -> str:
+    """A markdown table of training runs side by side: what each started from, epochs, and its evaluations
+    (best and last top-1, top-5 at the best); pre-training runs show their loss instead."""
+    import yaml
+
+    lines = ["| run | init | epochs | best top-1 | last top-1 | top-5 at best | last loss |", "|---|---|---|---|---|---|---|"]
+    for run in map(Path, run_dirs):
+        if not (run / "metrics.jsonl").is_file():
+            raise FileNotFoundError(f"{run} is not a run directory (no metrics.jsonl)")
+        s = summarize_run(run)
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+        init = (cfg.get("finetune") or {}).get("init") if (cfg.get("method") or {}).get("name") == "finetune" else "-"
+        rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if "eval_top1" in ln]
+        best = max(rows, key=lambda r: r["eval_top1"]) if rows else None
+        cells = [f"{best['eval_top1']:.2f} (ep {best['eval_epoch']})", f"{rows[-1]['eval_top1']:.2f}",
+                 f"{best['eval_top5']:.2f}"] if best else ["-", "-", "-"]
+        epochs = f"{s['epochs']:.0f}" if s else "0"
+        loss = f"{s['last_loss']:.4f}" if s else "-"
+        lines.append(f"| {run.name} | {init or '-'} | {epochs} | " + " | ".join(cells) + f" | {loss} |")
+    return "\n".join(lines)

@@ -35,6 +35,16 @@ def build_adamw(groups: List[Dict], lr: float, betas, eps: float, device: torch.
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kw)
 
 
+def build_optimizer(groups: List[Dict], o, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer `o` (an OptimConfig) names over `groups`: AdamW, or SGD with (Nesterov) momentum."""
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]  # names are for people, not torch
+    if o.optimizer == "sgd":
+        fused = device.type == "cuda" if o.fused is None else o.fused
+        kw = {"fused": True} if fused else {"foreach": True}
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, **kw)
+    return build_adamw(groups, lr, o.betas, o.eps, device, o.fused)
+
+
 class WarmupCosine:
     """lr(step): linear from 0 over `warmup` steps, then half-cosine from `peak` to `floor` at `total`."""
 

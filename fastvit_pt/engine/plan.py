@@ -29,6 +29,13 @@ def describe_plan(cfg: Config) -> str:
         f"schedule        {t.epochs} epochs x {steps_per_epoch} steps = {t.epochs * steps_per_epoch} optimizer steps, "
         f"peak lr {cfg.peak_lr:.3g}, warm-up {cfg.optim.warmup_epochs:g} epochs",
     ]
+    scales = sorted({g.get("lr_scale", 1.0) for g in engine.optimizer.param_groups})
+    lines.append(f"optimizer       {cfg.optim.optimizer}, {len(engine.optimizer.param_groups)} parameter groups, "
+                 f"lr scales {scales[0]:.3g}..{scales[-1]:.3g}")
+    if cfg.method.name == "finetune":
+        lines.append(f"init            {cfg.finetune.init}")
+    if cfg.eval.path:
+        lines.append(f"eval            {cfg.eval.path} every {cfg.eval.every_epochs} epoch(s), best kept as model-best.pt")
     if cfg.engine.kind == "deepspeed":
         import json
 

@@ -11,17 +11,25 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, loader, max_batches: int | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def extract_features(encoder: nn.Module, loader, max_batches: int | None = None,
+                     desc: str | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pooled pre-logit features of every image the loader yields: ([N, D] float32, [N] int64), on the host.
-    `encoder` is a VisionTransformer (its own pooling: cls token, or the patch average with fc_norm)."""
+    `encoder` is a VisionTransformer (its own pooling: cls token, or the patch average with fc_norm).
+    desc: show a progress bar with this label."""
+    from ..engine.metrics import Progress
+
     encoder.eval()
     feats, labels = [], []
+    total = len(loader) if max_batches is None else min(max_batches, len(loader))
+    bar = Progress(desc is not None, total, desc or "")
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         f = encoder.forward_head(encoder.forward_features(batch.images), pre_logits=True)
         feats.append(f.float().cpu())
         labels.append(batch.labels.cpu())
+        bar.update(1)
+    bar.close()
     if not feats:
         raise ValueError("extract_features: the loader yielded no batches")
     return torch.cat(feats), torch.cat(labels)
@@ -54,23 +62,27 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
 
 def backbone_features(checkpoint: str, train_data: str, test_data: str, model: str | None = None,
                       img_size: int | None = None, patch_size: int | None = None, workers: int = 2,
-                      device: str = "auto", batch: int = 256):
+                      device: str = "auto", batch: int = 256, seed: int = 0):
     """Frozen features of the backbone in `checkpoint` on two data sets (class-folder trees or .beton files,
     evaluation crops). Model name and sizes come from the run's config when the checkpoint is ours, else from
-    the arguments (default ViT-Tiny/16 at 224). Returns (train, test, class count, info)."""
+    the arguments (default ViT-Tiny/16 at 224). checkpoint="scratch" is the randomly initialised encoder
+    (drawn from `seed`), the baseline a pre-training must beat. Returns (train, test, class count, info)."""
     import pipelines
 
     from ..distributed.env import pick_device
     from ..models import create_model
     from .checkpoints import load_backbone, run_config
 
-    cfg = run_config(checkpoint)
+    scratch = checkpoint == "scratch"
+    cfg = None if scratch else run_config(checkpoint)
     name = model or (cfg.model.name.removeprefix("mae_") if cfg else "vit_tiny_patch16")
     size = img_size or (cfg.model.img_size if cfg else 224)
     patch = patch_size or (cfg.model.patch_size if cfg else 16)
     dev = pick_device(device)
-    encoder = create_model(name, img_size=size, patch_size=patch, num_classes=0)
-    report = load_backbone(encoder, checkpoint)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = create_model(name, img_size=size, patch_size=patch, num_classes=0)
+    report = f"random initialisation (seed {seed})" if scratch else load_backbone(encoder, checkpoint)
     encoder.to(dev)
 
     def features(path: str):
@@ -78,7 +90,7 @@ def backbone_features(checkpoint: str, train_data: str, test_data: str, model: s
         pcfg = pipelines.PipelineConfig(backend=backend, path=str(path), workers=workers)
         pcfg.validate()
         loader = pipelines.build_loader(pcfg, img_size=size, batch_size=batch, device=dev, train=False, drop_last=False)
-        return extract_features(encoder, loader), len(loader.classes)
+        return extract_features(encoder, loader, desc=f"features {path}"), len(loader.classes)
 
     (xtr, ytr), n_classes = features(train_data)
     (xte, yte), _ = features(test_data)
@@ -90,10 +102,10 @@ def backbone_features(checkpoint: str, train_data: str, test_data: str, model: s
 
 def evaluate_knn(checkpoint: str, train_data: str, test_data: str, model: str | None = None, img_size: int | None = None,
                  patch_size: int | None = None, k: int = 20, temperature: float = 0.07, batch: int = 256,
-                 workers: int = 2, device: str = "auto") -> dict:
+                 workers: int = 2, device: str = "auto", seed: int = 0) -> dict:
     """k-NN top-1/top-5 of the backbone in `checkpoint` (any layout `load_backbone` reads): features of
     `train_data` are the bank, `test_data` is scored."""
     (xtr, ytr), (xte, yte), n_classes, info = backbone_features(checkpoint, train_data, test_data, model, img_size,
-                                                                patch_size, workers, device, batch)
+                                                                patch_size, workers, device, batch, seed)
     acc = topk_accuracy(knn_predict(xtr, ytr, xte, n_classes, k, temperature), yte)
-    return {**acc, "k": k, "temperature": temperature, **info}
+    return {**acc, "k": k, "temperature": temperature, "seed": seed, **info}

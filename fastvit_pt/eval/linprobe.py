@@ -101,6 +101,6 @@ def evaluate_linear_probe(checkpoint: str, train_data: str, test_data: str, epoc
     from .knn import backbone_features
 
     (xtr, ytr), (xte, yte), n_classes, info = backbone_features(checkpoint, train_data, test_data, model, img_size,
-                                                                patch_size, workers, device)
+                                                                patch_size, workers, device, seed=seed)
     res = train_linear_probe(xtr, ytr, xte, yte, n_classes, epochs, batch, blr, optimizer, seed=seed)
     return {**res, **info}

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..config import Config
 
 # name -> module exposing `build(cfg, **runtime) -> nn.Module`
-_METHODS: Dict[str, str] = {"mae": "fastvit_pt.methods.mae"}
+_METHODS: Dict[str, str] = {"mae": "fastvit_pt.methods.mae", "finetune": "fastvit_pt.methods.finetune"}
 
 
 def list_methods() -> List[str]:

@@ -60,3 +60,16 @@ def test_layer_decay_scales_for_depth_12_and_decay_0_85():
     set_lr(opt, 1e-3)
     lrs = {n: pg["lr"] for pg, g in zip(opt.param_groups, groups) for n in g["names"]}
     assert lrs["head.bias"] == 1e-3 and lrs["pos_embed"] == 1e-3 * 0.85**13
+
+
+def test_sgd_with_nesterov_for_transfer_and_names_stripped():
+    from fastvit_pt.config import load_config
+    from fastvit_pt.engine.optim import build_optimizer, layer_decay_groups
+
+    o = load_config("recipes/transfer_tiny.yaml").optim
+    vit = create_model("vit_test", img_size=32, num_classes=5)
+    opt = build_optimizer(layer_decay_groups(vit, o.weight_decay, 0.75, vit.depth), o, 0.02, torch.device("cpu"))
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+    assert all(g["weight_decay"] == 0.0 and "names" not in g for g in opt.param_groups)
+    assert o.clip_grad == 1.0
+    assert sorted({g["lr_scale"] for g in opt.param_groups}) == pytest.approx([0.75 ** k for k in (3, 2, 1, 0)])

@@ -2,6 +2,7 @@
 export that real timm loads with identical logits."""
 import pytest
 import torch
+import torch.nn as nn
 
 from fastvit_pt.engine.checkpoint import CheckpointError
 from fastvit_pt.eval.checkpoints import export_for_timm, load_backbone, read_backbone
@@ -97,3 +98,19 @@ def test_our_training_checkpoint_and_its_export_import_alike(fmnist_small, tmp_p
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
     assert load_backbone(create_model("vit_test", img_size=28, patch_size=4), tmp_path / "run").loaded == ra.loaded
+
+
+def test_timm_loads_a_finetuned_classifier_with_its_head(tmp_path):
+    """A K-class fine-tuned export (model-best.pt's layout): timm keeps the head only when the overlay says K,
+    otherwise it drops a classifier whose class count differs from the pretrained config's 1000."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ours = create_model("vit_tiny_patch16", img_size=28, patch_size=4, global_pool="avg", num_classes=10).eval()
+    nn.init.normal_(ours.head.weight)
+    path = export_for_timm(ours, tmp_path / "model-best.pt")
+    ref = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, num_heads=12, global_pool="avg",
+                            fc_norm=True, num_classes=10, pretrained=True,
+                            pretrained_cfg_overlay=dict(file=str(path), num_classes=10)).eval()
+    x = torch.randn(4, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-5)

@@ -205,3 +205,23 @@ def test_ffcv_leaves_torch_threads_alone(photo_tree):
     loader = _loader(photo_tree, "ffcv", workers=1, interpolation="bilinear")
     next(iter(loader))
     assert torch.get_num_threads() == n
+
+
+def test_randaugment_at_magnitude_10_survives_posterize_to_zero_bits():
+    """timm's PosterizeIncreasing keeps 0 bits at magnitude 10, which Pillow >= 11 refuses; our transform keeps
+    PIL's old meaning (a black image) instead of failing a sample now and then."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.config import PipelineConfig
+    from pipelines.torchvision_loader import _posterize, train_transform
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8))
+    assert np.asarray(_posterize(img, 0)).max() == 0 and np.asarray(_posterize(img, 8)).tolist() == np.asarray(img).tolist()
+    t = train_transform(PipelineConfig(randaugment="rand-m10-n3-mstd0.5-inc1"), 28)
+    for seed in range(300):  # posterize at magnitude >= 10 comes up in about 1 draw in 10
+        torch.manual_seed(seed)
+        random.seed(seed)
+        assert t(img).shape == (3, 28, 28)
