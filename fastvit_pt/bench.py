@@ -105,6 +105,7 @@ def bench_model(
     progress: Optional[Callable] = None,
     engines: Sequence[str] = ("torch",),
     variants: Sequence = (),
+    teacher: Optional[str] = None,
 ) -> Dict:
     """One row per (engine, attention implementation): real train steps of `model` through the engine the
     loop uses (engine(batch); engine.backward(loss); engine.step()), on a synthetic batch already on the
@@ -129,6 +130,9 @@ def bench_model(
     data = Batch(images.to(DTYPES[precision]), labels, sample_seeds(0, 0, range(batch)).to(dev))
     # (label, engine, attn, config overrides) per row; --ablate: the variants on the first engine
     cases = [(f"{model} (MAE, mask {mask_ratio})", kind, impl, {}) for kind in engines for impl in attn]
+    tmp = None
+    if teacher:  # the same rows with a frozen teacher: D-MAE and D2-MAE beside MAE, same engine and attention
+        cases, tmp = _with_teacher(cases, model, teacher, img_size, patch_size)
     if variants:
         cases = [(label, engines[0], over.get("model.attn_impl", ABLATION_BASE["model.attn_impl"]),
                   {**ABLATION_BASE, **over}) for label, over in variants]
@@ -136,13 +140,14 @@ def bench_model(
     try:
         for label, kind, impl, extra in cases:
             cfg = _engine_config(model, batch, img_size, patch_size, precision, dev.type, mask_ratio, kind, impl, extra)
-            method = build_method(cfg, attn_impl=impl)
-            if flops is None:
-                flops = train_flops_per_image(method, data)
+            method = build_method(cfg, attn_impl=impl, is_main=False)
+            case_flops = train_flops_per_image(method, data)
+            flops = flops or case_flops
             engine = build_engine(method, cfg, _single_env(dev), steps_per_epoch=10**6)
             batch_in = Batch(images.to(engine.dtype), labels, data.keys)  # what a loader delivers for that precision
             meta = {"engine": kind, "precision": engine.precision, "compile": cfg.engine.compile,
-                    "fused_adamw": bool(engine.optimizer.defaults.get("fused"))}
+                    "fused_adamw": bool(engine.optimizer.defaults.get("fused")), "method": cfg.method.name,
+                    "flops": case_flops}
             built.append((label, impl, meta, _engine_step(engine, batch_in)))
         if timm_reference:
             import timm
@@ -157,11 +162,13 @@ def bench_model(
         del built
         if own_group:
             shutdown_distributed()
+        if tmp is not None:
+            tmp.cleanup()
     peaks = {p: peak_flops(dev, p) for p in {r["precision"] for r in rows if "precision" in r} | {precision}}
     peak = peaks[precision]
     ours = [r for r in rows if not r["name"].startswith("timm")]
-    for r in ours:  # each against the peak of the dtype it ran in
-        r["mfu"] = mfu(r["img_per_s"], flops, peaks[r["precision"]]["flops"])
+    for r in ours:  # each against the peak of the dtype it ran in, and its own FLOPs (a teacher adds some)
+        r["mfu"] = mfu(r["img_per_s"], r.pop("flops"), peaks[r["precision"]]["flops"])
     primary = max(ours, key=lambda r: r["img_per_s"], default=rows[0])
     ref_rate = rows[-1]["img_per_s"] if timm_reference else None
     for r in rows:
@@ -184,6 +191,30 @@ def bench_model(
         "runs": rows,
         "env": environment(dev),
     }
+
+
+def _with_teacher(cases, model: str, teacher: str, img_size: int, patch_size: int):
+    """Each MAE case followed by its D-MAE and D2-MAE twins, with a randomly initialised `teacher` encoder
+    (its weights do not change its speed) written to a temporary file; returns (cases, the temporary dir)."""
+    import tempfile
+    from pathlib import Path
+
+    from .eval.checkpoints import export_for_timm
+    from .models import create_model
+
+    tmp = tempfile.TemporaryDirectory(prefix="fastvit_teacher_")
+    name = teacher.removeprefix("mae_")
+    path = export_for_timm(create_model(name, img_size=img_size, patch_size=patch_size, num_classes=0),
+                           Path(tmp.name) / "teacher.pt")
+    depth = create_model(model, img_size=img_size, patch_size=patch_size).encoder.depth
+    common = {"distill.teacher": str(path), "distill.teacher_model": name}
+    out = []
+    for label, kind, impl, extra in cases:
+        out += [(label, kind, impl, extra),
+                (f"{model} D-MAE (teacher {name})", kind, impl, {**extra, **common, "method.name": "dmae"}),
+                (f"{model} D2-MAE (teacher {name})", kind, impl,
+                 {**extra, **common, "method.name": "d2mae", "distill.decoder_block": min(8, depth)})]
+    return out, tmp
 
 
 def _single_env(dev: torch.device):
@@ -349,6 +380,46 @@ def _windows(fn: Callable[[], int], device: torch.device, windows: int, steps: i
     return rates
 
 
+DISTILL_METHODS = ("dmae", "d2mae")
+
+
+def _without_teacher(cfg, env, engine, batches, fixed, windows: int, steps: int, warmup: int, progress=None) -> Dict:
+    """The same recipe as plain MAE (no teacher, no adapter), timed in the same process: model-only and
+    end-to-end windows alternate with the distilling engine's, so the ratio is side by side."""
+    import dataclasses
+
+    from .distributed import build_engine
+    from .engine.loop import resolve_attn_impl
+    from .methods import build_method
+
+    mae_cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name="mae"))
+    impl = resolve_attn_impl(cfg.model.attn_impl, env.device, engine.precision)
+    mae_engine = build_engine(build_method(mae_cfg, attn_impl=impl, is_main=False), mae_cfg, env, 10**6)
+    micro, dev = cfg.train.micro_batch, env.device
+    res: Dict[str, Dict[str, List[float]]] = {"model": {"with": [], "without": []}, "e2e": {"with": [], "without": []}}
+    for w in range(windows):  # with / without, window by window
+        for which, eng in (("with", engine), ("without", mae_engine)):
+            fixed_step = _engine_step(eng, fixed)
+            res["model"][which] += _windows(lambda: (fixed_step(), micro)[1], dev, 1, steps, warmup if w == 0 else 1,
+                                            progress)
+
+            def real_step(eng=eng) -> int:
+                b = next(batches)
+                _engine_step(eng, b)()
+                return len(b)
+
+            res["e2e"][which] += _windows(real_step, dev, 1, steps, warmup if w == 0 else 1, progress)
+    world = env.world_size
+    out = {}
+    for name in ("model", "e2e"):
+        per_rank = statistics.median(res[name]["without"])
+        out[name] = {"img_per_s": round(per_rank * world, 1), "img_per_s_per_rank": round(per_rank, 1),
+                     "windows_img_per_s": [round(r, 1) for r in res[name]["without"]],
+                     "with_teacher_windows_img_per_s": [round(r, 1) for r in res[name]["with"]],
+                     "with_teacher_vs_without": round(statistics.median(res[name]["with"]) / per_rank, 3)}
+    return out
+
+
 def bench_e2e(cfg, steps: int = 20, warmup: int = 5, windows: int = 3, progress: Optional[Callable] = None) -> Dict:
     """End-to-end img/s of real training steps with the recipe's loader, engine and method, beside the
     loader alone and the model alone (one batch reused), measured in the same process one after another,
@@ -376,6 +447,8 @@ def bench_e2e(cfg, steps: int = 20, warmup: int = 5, windows: int = 3, progress:
             return len(b)
 
         e2e_rates = _windows(real_step, dev, windows, steps, warmup, progress)
+        without = _without_teacher(cfg, env, engine, batches, fixed, windows, steps, warmup, progress) \
+            if cfg.method.name in DISTILL_METHODS else None
         peak = peak_flops(dev, engine.precision)
         world = env.world_size
         out = {}
@@ -387,8 +460,13 @@ def bench_e2e(cfg, steps: int = 20, warmup: int = 5, windows: int = 3, progress:
             out[name]["mfu"] = mfu(out[name]["img_per_s_per_rank"], flops, peak["flops"])
         out["e2e"]["vs_model"] = round(out["e2e"]["img_per_s"] / out["model"]["img_per_s"], 3)
         out["e2e"]["vs_loader"] = round(out["e2e"]["img_per_s"] / out["loader"]["img_per_s"], 3)
+        if without is not None:
+            out["without_teacher"] = without
+            for name in ("model", "e2e"):
+                out[name]["vs_without_teacher"] = without[name]["with_teacher_vs_without"]  # alternating windows
         return {
             **out,
+            "method": cfg.method.name,
             "bound_by": "loader" if out["loader"]["img_per_s"] < out["model"]["img_per_s"] else "model",
             "train_gflops_per_image": round(flops / 1e9, 4),
             "peak": {"tflops": round(peak["flops"] / 1e12, 3) if peak["flops"] else None, "source": peak["source"]},

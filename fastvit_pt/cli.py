@@ -292,9 +292,11 @@ def bench() -> None:
               help="Engines to time side by side: torch, deepspeed, or torch,deepspeed.")
 @click.option("--ablate", is_flag=True, help="The fused-kernel ablation instead: SDPA, fused AdamW, bf16 autocast and "
               "torch.compile all off, each switched on alone, then all on (first --engine only).")
+@click.option("--teacher", default=None, help="Also time D-MAE and D2-MAE with this frozen teacher encoder (e.g. "
+              "vit_base_patch16, random weights) beside each MAE row; 'vs 1st' is then the cost of the teacher.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
 def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, warmup, device, timm_ref, engines,
-                    ablate, json_path):
+                    ablate, teacher, json_path):
     """Model-only train-step img/s (the engine's forward + backward + AdamW step) on a synthetic batch, with MFU."""
     from tqdm import tqdm
 
@@ -306,10 +308,11 @@ def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, 
     if bad:
         raise click.UsageError(f"--engine: expected torch and/or deepspeed, got {', '.join(bad)}")
     ref = None if timm_ref.lower() == "none" else timm_ref
-    cases = len(ABLATION) if ablate else len(impls) * len(kinds)
+    cases = len(ABLATION) if ablate else len(impls) * len(kinds) * (3 if teacher else 1)
     with tqdm(total=steps * (cases + (ref is not None)), desc="bench model", file=sys.stderr) as bar:
         res = bench_model(model, batch, img_size, patch_size, precision, impls, steps, warmup, device,
-                          timm_reference=ref, progress=bar.update, engines=kinds, variants=ABLATION if ablate else ())
+                          timm_reference=ref, progress=bar.update, engines=kinds, variants=ABLATION if ablate else (),
+                          teacher=teacher)
     click.echo(f"{res['env']['device']}, torch {res['env']['torch']}, {res['precision']}, batch {batch}, {img_size} px; "
                f"{res['train_gflops_per_image']} GFLOP per image per train step; peak {res['peak']['tflops']} TFLOP/s "
                f"({res['peak']['source']})")
@@ -338,7 +341,8 @@ def bench_e2e_cmd(recipe, overrides, steps, warmup, windows, json_path):
     from .bench import bench_e2e
 
     cfg = _load(recipe, overrides)
-    with tqdm(total=3 * windows * steps, desc="bench e2e", file=sys.stderr) as bar:
+    distill = cfg.method.name in ("dmae", "d2mae")
+    with tqdm(total=(7 if distill else 3) * windows * steps, desc="bench e2e", file=sys.stderr) as bar:
         res = bench_e2e(cfg, steps, warmup, windows, progress=bar.update)
     if not res["is_main"]:
         return
@@ -349,6 +353,11 @@ def bench_e2e_cmd(recipe, overrides, steps, warmup, windows, json_path):
         r = res[name]
         util = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         click.echo(f"{name:10s} {r['img_per_s']:10.1f} {util:>7s}")
+    if "without_teacher" in res:
+        wt = res["without_teacher"]
+        for name in ("model", "e2e"):
+            click.echo(f"{name + ' MAE':10s} {wt[name]['img_per_s']:10.1f} {'-':>7s}   without the teacher; "
+                       f"{res['method']} runs at {wt[name]['with_teacher_vs_without']:.2f}x (alternating windows)")
     click.echo(f"end-to-end = {res['e2e']['vs_model']:.2f}x model-only, {res['e2e']['vs_loader']:.2f}x loader-only; "
                f"bound by the {res['bound_by']}; {res['train_gflops_per_image']} GFLOP/image, peak "
                f"{res['peak']['tflops']} TFLOP/s ({res['peak']['source']})")

@@ -76,6 +76,26 @@ class FinetuneConfig:
 
 
 @dataclass
+class DistillConfig:
+    """method.name=dmae / d2mae: MAE pre-training that also distils a frozen MAE teacher's attention."""
+
+    teacher: Optional[str] = None
+    """The teacher's checkpoint: ours, mae-lite's or facebookresearch/mae's (its decoder is dropped). Required."""
+    teacher_model: str = "vit_base_patch16"
+    """The teacher encoder (`fastvit models`); an mae_* name means its encoder. Default MAE-Base: 768-d, 12 heads."""
+    attn_weight: float = 1.0
+    """Weight of the MSE between the student's last-layer attention logits (through a 1x1 head-mixing adapter)
+    and the teacher's."""
+    hidden_layers: List[int] = field(default_factory=list)
+    """Blocks (0-based, same index in student and teacher) whose outputs are also distilled through a Linear
+    adapter; empty = off."""
+    hidden_weight: float = 1.0
+    """Weight of the hidden-state MSE (when hidden_layers is set)."""
+    decoder_block: int = 8
+    """d2mae: the decoder reconstructs from this block's output (1-based, as in mae-lite's D2-MAE)."""
+
+
+@dataclass
 class EvalConfig:
     path: str = ""
     """Held-out images (class-folder tree, or .beton) scored during training; empty = no evaluation."""
@@ -167,6 +187,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
@@ -187,6 +208,11 @@ class Config:
                 raise ConfigError(f"finetune.{key} must be >= 0, got {getattr(f, key)}")
         if f.smoothing >= 1 or f.reprob > 1:
             raise ConfigError("finetune.smoothing must be < 1 and finetune.reprob <= 1")
+        d = self.distill
+        if d.attn_weight < 0 or d.hidden_weight < 0:
+            raise ConfigError("distill.attn_weight and distill.hidden_weight must be >= 0")
+        if d.decoder_block < 1:
+            raise ConfigError(f"distill.decoder_block must be >= 1 (1-based), got {d.decoder_block}")
         if self.eval.every_epochs < 1 or self.eval.micro_batch < 1:
             raise ConfigError("eval.every_epochs and eval.micro_batch must be >= 1")
         if self.optim.optimizer not in OPTIMIZERS:

@@ -15,7 +15,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..config import Config
 
 # name -> module exposing `build(cfg, **runtime) -> nn.Module`
-_METHODS: Dict[str, str] = {"mae": "fastvit_pt.methods.mae", "finetune": "fastvit_pt.methods.finetune"}
+_METHODS: Dict[str, str] = {
+    "mae": "fastvit_pt.methods.mae",
+    "dmae": "fastvit_pt.methods.dmae",
+    "d2mae": "fastvit_pt.methods.d2mae",
+    "finetune": "fastvit_pt.methods.finetune",
+}
 
 
 def list_methods() -> List[str]:

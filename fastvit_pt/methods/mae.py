@@ -20,9 +20,7 @@ class MAE(nn.Module):
     def forward(self, batch) -> Dict[str, torch.Tensor]:
         """batch.images: [N, C, H, W] normalised -> {"loss": scalar}. Masks come from the batch's per-sample
         keys where it has them (the same mask for a sample on any rank count), else from the global RNG."""
-        keys = getattr(batch, "keys", None)
-        ids_shuffle = None if keys is None else keyed_shuffle(keys, self.model.num_patches)
-        loss, _, _ = self.model(batch.images, self.mask_ratio, ids_shuffle)
+        loss, _, _ = self.model(batch.images, self.mask_ratio, masks_for(batch, self.model.num_patches))
         return {"loss": loss}
 
     def encoder(self) -> nn.Module:
@@ -30,9 +28,10 @@ class MAE(nn.Module):
         return self.model.encoder
 
 
-def build(cfg, attn_impl: str = "sdpa", **_) -> MAE:
+def build_mae_model(cfg, attn_impl: str = "sdpa") -> MaskedAutoencoderViT:
+    """The MAE model a pre-training recipe names (model.* and method.norm_pix_loss)."""
     m = cfg.model
-    model = create_model(
+    return create_model(
         m.name,
         img_size=m.img_size,
         patch_size=m.patch_size,
@@ -41,4 +40,13 @@ def build(cfg, attn_impl: str = "sdpa", **_) -> MAE:
         drop_path_rate=m.drop_path,
         attn_impl=attn_impl,
     )
-    return MAE(model, cfg.method.mask_ratio)
+
+
+def masks_for(batch, num_patches: int):
+    """The per-sample patch permutation drawn from the batch's keys (None without keys: the global RNG)."""
+    keys = getattr(batch, "keys", None)
+    return None if keys is None else keyed_shuffle(keys, num_patches)
+
+
+def build(cfg, attn_impl: str = "sdpa", **_) -> MAE:
+    return MAE(build_mae_model(cfg, attn_impl), cfg.method.mask_ratio)

@@ -176,11 +176,13 @@ class MaskedAutoencoderViT(nn.Module):
         ids_shuffle: Optional[torch.Tensor] = None,
         attn_layers: Iterable[int] = (),
         max_depth: Optional[int] = None,
+        hidden_out: Optional[Dict[int, torch.Tensor]] = None,
     ) -> EncoderOutput:
-        """imgs: [N, C, H, W] -> EncoderOutput (latent [N, 1 + K, D], K = round((1 - r) * L))."""
+        """imgs: [N, C, H, W] -> EncoderOutput (latent [N, 1 + K, D], K = round((1 - r) * L)); see
+        VisionTransformer.forward_tokens for attn_layers, max_depth and hidden_out."""
         x = self.encoder.embed_patches(imgs)
         x, mask, ids_restore, ids_shuffle = random_masking(x, mask_ratio, ids_shuffle)
-        x, logits = self.encoder.forward_tokens(self.encoder.prepend_cls(x), attn_layers, max_depth)
+        x, logits = self.encoder.forward_tokens(self.encoder.prepend_cls(x), attn_layers, max_depth, hidden_out)
         return EncoderOutput(x, mask, ids_restore, ids_shuffle, logits)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:

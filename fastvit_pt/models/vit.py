@@ -108,15 +108,27 @@ class Attention(nn.Module):
                              f"got {n}: RPE models are for fine-tuning on whole images, not masked pre-training")
         return self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
 
+    def _qkv(self, x: torch.Tensor):
+        B, N, _ = x.shape
+        return self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _logits(self, q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        return logits if bias is None else logits + bias
+
+    def attn_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Only the pre-softmax q.k^T/sqrt(d) [B, H, N, N]: what a distillation target needs, without the
+        softmax, the value product or the projection."""
+        q, k, _ = self._qkv(x)
+        return self._logits(q, k, self._rel_pos_bias(x.shape[1]))
+
     def forward(self, x: torch.Tensor, return_logits: bool = False):
         """x: [B, N, C] -> [B, N, C]; with return_logits also the pre-softmax q.k^T/sqrt(d): [B, H, N, N]."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self._qkv(x)
         bias = self._rel_pos_bias(N)
         if return_logits or self.attn_impl == "math":
-            logits = (q * self.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                logits = logits + bias
+            logits = self._logits(q, k, bias)
             out = logits.softmax(dim=-1) @ v
         else:
             logits = None
@@ -236,13 +248,15 @@ class VisionTransformer(nn.Module):
         return torch.cat([cls, x], dim=1)
 
     def forward_tokens(
-        self, x: torch.Tensor, attn_layers: Iterable[int] = (), max_depth: Optional[int] = None
+        self, x: torch.Tensor, attn_layers: Iterable[int] = (), max_depth: Optional[int] = None,
+        hidden_out: Optional[Dict[int, torch.Tensor]] = None,
     ) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
         """Run the blocks (and the final norm, when all of them run) over a prepared token sequence.
 
         x: [N, T, D]. attn_layers: block indices (negative counts from the end) whose pre-softmax attention
         logits [N, H, T, T] are returned. max_depth stops after that many blocks (no final norm), so a frozen
-        teacher pays only for the layers it is read at.
+        teacher pays only for the layers it is read at. hidden_out: a dict whose keys are block indices; each
+        is filled with that block's output [N, T, D].
         """
         depth = self.depth if max_depth is None else max_depth
         want = {i % self.depth for i in attn_layers}
@@ -252,6 +266,8 @@ class VisionTransformer(nn.Module):
                 x, logits[i] = self.blocks[i](x, return_logits=True)
             else:
                 x = self.blocks[i](x)
+            if hidden_out is not None and i in hidden_out:
+                hidden_out[i] = x
         if depth == self.depth:
             x = self.norm(x)
         return x, logits

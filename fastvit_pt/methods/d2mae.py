@@ -1,0 +1,67 @@
+"""D2-MAE (mae-lite): D-MAE with the two targets decoupled in depth. The student has a 13th block that keeps
+only norm1 + qkv: its attention logits, read on top of block 12, are distilled from the teacher's last layer,
+while the MAE decoder reconstructs from block 8's output (`distill.decoder_block`). Downstream keeps blocks
+1-12 (the exported encoder); the 13th block and the decoder are pre-training only."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from ..models import MaskedAutoencoderViT, VisionTransformer
+from .dmae import DMAE, build_teacher
+from .mae import build_mae_model
+
+
+class LogitsBlock(nn.Module):
+    """A block cut down to what attention logits need: norm1 and qkv (q.k^T/sqrt(d); v, proj, MLP dropped)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.qk = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k = self.qk(self.norm1(x)).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+
+
+class D2MAE(DMAE):
+    def __init__(self, model: MaskedAutoencoderViT, teacher: VisionTransformer, mask_ratio: float,
+                 decoder_block: int = 8, attn_weight: float = 1.0, hidden_layers=(), hidden_weight: float = 1.0):
+        super().__init__(model, teacher, mask_ratio, attn_weight, hidden_layers, hidden_weight)
+        enc = model.encoder
+        if not 1 <= decoder_block <= enc.depth:
+            raise ValueError(f"distill.decoder_block must be in 1..{enc.depth} (1-based), got {decoder_block}")
+        self.decoder_block = decoder_block
+        self.logits_block = LogitsBlock(enc.embed_dim, enc.num_heads)  # the 13th block
+        self.decoder_input_norm = nn.LayerNorm(enc.embed_dim, eps=1e-6)  # block 8's output, normalised for the decoder
+        enc.norm.requires_grad_(False)  # the encoder's final norm is on no loss path here (and unused by DDP)
+
+    def student_forward(self, imgs: torch.Tensor, ids_shuffle: Optional[torch.Tensor]):
+        from ..models.mae import random_masking
+
+        enc = self.model.encoder
+        x = enc.embed_patches(imgs)
+        x, mask, ids_restore, ids_shuffle = random_masking(x, self.mask_ratio, ids_shuffle)
+        x = enc.prepend_cls(x)
+        hidden: Dict[int, torch.Tensor] = {}
+        latent = None
+        for i, blk in enumerate(enc.blocks):
+            x = blk(x)
+            if i in self.hidden_layers:
+                hidden[i] = x
+            if i + 1 == self.decoder_block:
+                latent = self.decoder_input_norm(x)
+        pred = self.model.forward_decoder(latent, ids_restore)
+        loss = self.model.forward_loss(imgs, pred, mask)
+        return loss, self.logits_block(x), hidden, ids_shuffle
+
+
+def build(cfg, attn_impl: str = "sdpa", is_main: bool = True, **_) -> D2MAE:
+    d = cfg.distill
+    return D2MAE(build_mae_model(cfg, attn_impl), build_teacher(cfg, attn_impl, is_main), cfg.method.mask_ratio,
+                 d.decoder_block, d.attn_weight, d.hidden_layers, d.hidden_weight)
