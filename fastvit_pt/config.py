@@ -329,7 +329,8 @@ def _merge(obj: Any, data: Dict[str, Any], where: str = "") -> None:
 
 
 def _read_recipe(path: Path, seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
-    """Read a recipe; a top-level `base: other.yaml` (relative to the recipe) is read first, then updated."""
+    """Read a recipe; a top-level `base: other.yaml` (relative to the recipe) is read first, then updated
+    (except train.out_dir, which is never inherited)."""
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: recipe 'base' chain loops back on itself")
@@ -345,6 +346,8 @@ def _read_recipe(path: Path, seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
     if base is None:
         return data
     merged = _read_recipe(path.parent / base, seen + (path,))
+    # a run directory belongs to one recipe: a derived recipe runs in runs/<its own name> unless it names one
+    (merged.get("train") or {}).pop("out_dir", None)
     _deep_update(merged, data)
     return merged
 
