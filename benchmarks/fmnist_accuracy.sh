@@ -15,9 +15,11 @@ TRAIN=data/fmnist_10pct/train TEST=data/fmnist/test
 mkdir -p "$OUT"
 : > "$OUT/commands.txt"
 run() { echo "$*" >> "$OUT/commands.txt"; echo "+ $*" >&2; "$@"; }
+# run unless FILE exists; either way the command goes into the list
+once() { local file=$1; shift; if [ -e "$file" ]; then echo "$*   # skipped: $file exists" >> "$OUT/commands.txt"; else run "$@"; fi; }
 
 run $FASTVIT data fashion-mnist data/fmnist
-[ -f data/fmnist/train.beton ] || run $FASTVIT convert data/fmnist/train data/fmnist/train.beton --mode raw --strict
+once data/fmnist/train.beton $FASTVIT convert data/fmnist/train data/fmnist/train.beton --mode raw --strict
 run $FASTVIT data fashion-mnist data/fmnist_10pct --per-class 600
 run $FASTVIT train recipes/demo/mae_fmnist_4ep.yaml --out "$OUT/mae_pretrain" --resume
 
@@ -28,11 +30,11 @@ for seed in $SEEDS; do
     src=$([ $init = mae ] && echo "$OUT/mae_pretrain" || echo scratch)
     run $FASTVIT finetune recipes/demo/finetune_fmnist.yaml init="$src" train.seed="$seed" \
       --out "$OUT/ft_${init}_s$seed" --resume
-    [ -f "$OUT/linprobe_${init}_s$seed.json" ] || run $FASTVIT linprobe "$src" "${PROBE[@]}" "${LINPROBE[@]}" \
+    once "$OUT/linprobe_${init}_s$seed.json" $FASTVIT linprobe "$src" "${PROBE[@]}" "${LINPROBE[@]}" \
       --seed "$seed" --json "$OUT/linprobe_${init}_s$seed.json"
     # k-NN has no randomness of its own: one run for MAE, one per seed for the random encoders
     if [ $init = scratch ] || [ "$seed" = "$(echo $SEEDS | cut -d' ' -f1)" ]; then
-      [ -f "$OUT/knn_${init}_s$seed.json" ] || run $FASTVIT knn "$src" "${PROBE[@]}" --seed "$seed" \
+      once "$OUT/knn_${init}_s$seed.json" $FASTVIT knn "$src" "${PROBE[@]}" --seed "$seed" \
         --json "$OUT/knn_${init}_s$seed.json"
     fi
   done
