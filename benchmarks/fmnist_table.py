@@ -48,10 +48,11 @@ def main(out: Path) -> None:
 
     pre = [json.loads(ln) for ln in (out / "mae_pretrain" / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     pre = [r for r in pre if "loss" in r]
+    ft = {i: finetune_rows(out, i) for i in ("mae", "scratch")}  # (best, last) per seed
     rows = []
     for label, get in (
-        ("fine-tune top-1, best epoch", lambda i: finetune_rows(out, i)[0]),
-        ("fine-tune top-1, last epoch", lambda i: finetune_rows(out, i)[1]),
+        ("fine-tune top-1, best epoch", lambda i: ft[i][0]),
+        ("fine-tune top-1, last epoch", lambda i: ft[i][1]),
         ("linear probe top-1", lambda i: probe(out, "linprobe", i)),
         ("k-NN top-1 (k=20, T=0.07)", lambda i: probe(out, "knn", i)),
     ):
@@ -59,7 +60,7 @@ def main(out: Path) -> None:
         delta = f"{statistics.mean(mae) - statistics.mean(scratch):+.2f}" if mae and scratch else "n/a"
         rows.append(f"| {label} | {mean_spread(mae)} | {mean_spread(scratch)} | {delta} |")
     notes = []
-    ft_mae, ft_scr = finetune_rows(out, "mae")[0], finetune_rows(out, "scratch")[0]
+    ft_mae, ft_scr = ft["mae"][0], ft["scratch"][0]
     lp_mae, lp_scr = probe(out, "linprobe", "mae"), probe(out, "linprobe", "scratch")
     if ft_mae and ft_scr:
         verdict = "beats" if statistics.mean(ft_mae) > statistics.mean(ft_scr) else "does not beat"

@@ -383,6 +383,17 @@ def _windows(fn: Callable[[], int], device: torch.device, windows: int, steps: i
 DISTILL_METHODS = ("dmae", "d2mae")
 
 
+def _loader_step(engine, batches) -> Callable[[], int]:
+    """One real training step on the loader's next batch; returns its image count."""
+
+    def step() -> int:
+        b = next(batches)
+        _engine_step(engine, b)()
+        return len(b)
+
+    return step
+
+
 def _without_teacher(cfg, env, engine, batches, fixed, windows: int, steps: int, warmup: int, progress=None) -> Dict:
     """The same recipe as plain MAE (no teacher, no adapter), timed in the same process: model-only and
     end-to-end windows alternate with the distilling engine's, so the ratio is side by side."""
@@ -402,13 +413,7 @@ def _without_teacher(cfg, env, engine, batches, fixed, windows: int, steps: int,
             fixed_step = _engine_step(eng, fixed)
             res["model"][which] += _windows(lambda: (fixed_step(), micro)[1], dev, 1, steps, warmup if w == 0 else 1,
                                             progress)
-
-            def real_step(eng=eng) -> int:
-                b = next(batches)
-                _engine_step(eng, b)()
-                return len(b)
-
-            res["e2e"][which] += _windows(real_step, dev, 1, steps, warmup if w == 0 else 1, progress)
+            res["e2e"][which] += _windows(_loader_step(eng, batches), dev, 1, steps, warmup if w == 0 else 1, progress)
     world = env.world_size
     out = {}
     for name in ("model", "e2e"):
@@ -441,12 +446,7 @@ def bench_e2e(cfg, steps: int = 20, warmup: int = 5, windows: int = 3, progress:
         step = _engine_step(engine, fixed)
         model_rates = _windows(lambda: (step(), micro)[1], dev, windows, steps, warmup, progress)
 
-        def real_step() -> int:
-            b = next(batches)
-            _engine_step(engine, b)()
-            return len(b)
-
-        e2e_rates = _windows(real_step, dev, windows, steps, warmup, progress)
+        e2e_rates = _windows(_loader_step(engine, batches), dev, windows, steps, warmup, progress)
         without = _without_teacher(cfg, env, engine, batches, fixed, windows, steps, warmup, progress) \
             if cfg.method.name in DISTILL_METHODS else None
         peak = peak_flops(dev, engine.precision)

@@ -338,10 +338,10 @@ def bench_e2e_cmd(recipe, overrides, steps, warmup, windows, json_path):
     """End-to-end img/s of RECIPE's real training steps, beside its loader alone and its model alone, with MFU."""
     from tqdm import tqdm
 
-    from .bench import bench_e2e
+    from .bench import DISTILL_METHODS, bench_e2e
 
     cfg = _load(recipe, overrides)
-    distill = cfg.method.name in ("dmae", "d2mae")
+    distill = cfg.method.name in DISTILL_METHODS
     with tqdm(total=(7 if distill else 3) * windows * steps, desc="bench e2e", file=sys.stderr) as bar:
         res = bench_e2e(cfg, steps, warmup, windows, progress=bar.update)
     if not res["is_main"]:

@@ -9,7 +9,6 @@ FusedAdam would JIT-build for a minute or more); the learning-rate schedule stay
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import warnings

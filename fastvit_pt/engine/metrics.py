@@ -81,7 +81,8 @@ def summarize_run(run_dir: Path) -> Dict[str, float]:
     evals = [r for r in rows if "eval_top1" in r]
     if evals:
         best = max(evals, key=lambda r: r["eval_top1"])
-        out.update(eval_top1=evals[-1]["eval_top1"], best_top1=best["eval_top1"], best_epoch=best["eval_epoch"])
+        out.update(eval_top1=evals[-1]["eval_top1"], best_top1=best["eval_top1"], best_top5=best["eval_top5"],
+                   best_epoch=best["eval_epoch"])
     return out
 
 
@@ -104,10 +105,8 @@ def runs_table(run_dirs) -> str:
         s = summarize_run(run)
         cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
         init = (cfg.get("finetune") or {}).get("init") if (cfg.get("method") or {}).get("name") == "finetune" else "-"
-        rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if "eval_top1" in ln]
-        best = max(rows, key=lambda r: r["eval_top1"]) if rows else None
-        cells = [f"{best['eval_top1']:.2f} (ep {best['eval_epoch']})", f"{rows[-1]['eval_top1']:.2f}",
-                 f"{best['eval_top5']:.2f}"] if best else ["-", "-", "-"]
+        cells = [f"{s['best_top1']:.2f} (ep {s['best_epoch']})", f"{s['eval_top1']:.2f}",
+                 f"{s['best_top5']:.2f}"] if "best_top1" in s else ["-", "-", "-"]
         epochs = f"{s['epochs']:.0f}" if s else "0"
         loss = f"{s['last_loss']:.4f}" if s else "-"
         lines.append(f"| {run.name} | {init or '-'} | {epochs} | " + " | ".join(cells) + f" | {loss} |")

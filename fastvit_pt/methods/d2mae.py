@@ -42,23 +42,15 @@ class D2MAE(DMAE):
         enc.norm.requires_grad_(False)  # the encoder's final norm is on no loss path here (and unused by DDP)
 
     def student_forward(self, imgs: torch.Tensor, ids_shuffle: Optional[torch.Tensor]):
-        from ..models.mae import random_masking
-
         enc = self.model.encoder
-        x = enc.embed_patches(imgs)
-        x, mask, ids_restore, ids_shuffle = random_masking(x, self.mask_ratio, ids_shuffle)
-        x = enc.prepend_cls(x)
-        hidden: Dict[int, torch.Tensor] = {}
-        latent = None
-        for i, blk in enumerate(enc.blocks):
-            x = blk(x)
-            if i in self.hidden_layers:
-                hidden[i] = x
-            if i + 1 == self.decoder_block:
-                latent = self.decoder_input_norm(x)
-        pred = self.model.forward_decoder(latent, ids_restore)
-        loss = self.model.forward_loss(imgs, pred, mask)
-        return loss, self.logits_block(x), hidden, ids_shuffle
+        k, last = self.decoder_block - 1, enc.depth - 1
+        # the encoder's own pass, reading block k's output for the decoder and block 12's (before the frozen
+        # final norm) for the logits block
+        hidden: Dict[int, torch.Tensor] = {i: None for i in (*self.hidden_layers, k, last)}
+        out = self.model.forward_encoder(imgs, self.mask_ratio, ids_shuffle, hidden_out=hidden)
+        pred = self.model.forward_decoder(self.decoder_input_norm(hidden[k]), out.ids_restore)
+        loss = self.model.forward_loss(imgs, pred, out.mask)
+        return loss, self.logits_block(hidden[last]), hidden, out.ids_shuffle
 
 
 def build(cfg, attn_impl: str = "sdpa", is_main: bool = True, **_) -> D2MAE:

@@ -48,11 +48,9 @@ class Finetune(nn.Module):
     def forward(self, batch) -> Dict[str, torch.Tensor]:
         images, target = (self.augment(batch.images, batch.labels) if self.training else (batch.images, batch.labels))
         logits = self.model(images).float()
-        if target.ndim == 2:  # soft targets (mixup already folded in label smoothing)
-            loss = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        else:
-            loss = F.cross_entropy(logits, target, label_smoothing=self.smoothing)
-        return {"loss": loss}
+        # soft targets [N, K] from mixup already carry the label smoothing; hard labels get it here
+        smoothing = 0.0 if target.ndim == 2 else self.smoothing
+        return {"loss": F.cross_entropy(logits, target, label_smoothing=smoothing)}
 
     def encoder(self) -> nn.Module:
         """What is exported and evaluated: the whole classifier (timm keys, head included)."""
