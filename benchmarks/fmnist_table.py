@@ -42,53 +42,94 @@ def cpu_model() -> str:
         return platform.processor() or "unknown"
 
 
+LABELS = {"mae": "MAE", "dmae": "D-MAE", "d2mae": "D²-MAE", "scratch": "scratch (random init)"}
+
+
+def pretrain_log(run: Path):
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return [r for r in rows if "loss" in r]
+
+
+def mean(xs):
+    return statistics.mean(xs) if xs else float("nan")
+
+
 def main(out: Path) -> None:
     import timm
     import torch
 
-    pre = [json.loads(ln) for ln in (out / "mae_pretrain" / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    pre = [r for r in pre if "loss" in r]
-    ft = {i: finetune_rows(out, i) for i in ("mae", "scratch")}  # (best, last) per seed
-    rows = []
-    for label, get in (
-        ("fine-tune top-1, best epoch", lambda i: ft[i][0]),
-        ("fine-tune top-1, last epoch", lambda i: ft[i][1]),
-        ("linear probe top-1", lambda i: probe(out, "linprobe", i)),
-        ("k-NN top-1 (k=20, T=0.07)", lambda i: probe(out, "knn", i)),
-    ):
-        mae, scratch = get("mae"), get("scratch")
-        delta = f"{statistics.mean(mae) - statistics.mean(scratch):+.2f}" if mae and scratch else "n/a"
-        rows.append(f"| {label} | {mean_spread(mae)} | {mean_spread(scratch)} | {delta} |")
+    inits = [m for m in ("mae", "dmae", "d2mae") if (out / f"{m}_pretrain" / "metrics.jsonl").is_file()] + ["scratch"]
+    pre = {m: pretrain_log(out / f"{m}_pretrain") for m in inits if m != "scratch"}
+    ft = {i: finetune_rows(out, i) for i in inits}  # (best, last) per seed
+    results = {
+        "fine-tune top-1, best epoch": {i: ft[i][0] for i in inits},
+        "fine-tune top-1, last epoch": {i: ft[i][1] for i in inits},
+        "linear probe top-1": {i: probe(out, "linprobe", i) for i in inits},
+        "k-NN top-1 (k=20, T=0.07)": {i: probe(out, "knn", i) for i in inits},
+    }
+    # differences: each distilled student against MAE, and MAE against scratch
+    diffs = [(d, "mae") for d in ("dmae", "d2mae") if d in inits] + [("mae", "scratch")]
+    header = ["top-1 (%)", *(LABELS[i] for i in inits), *(f"{LABELS[a]} - {LABELS[b].split()[0]}" for a, b in diffs)]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, by_init in results.items():
+        cells = [mean_spread(by_init[i]) for i in inits]
+        cells += [f"{mean(by_init[a]) - mean(by_init[b]):+.2f}" if by_init[a] and by_init[b] else "n/a"
+                  for a, b in diffs]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
     notes = []
-    ft_mae, ft_scr = ft["mae"][0], ft["scratch"][0]
-    lp_mae, lp_scr = probe(out, "linprobe", "mae"), probe(out, "linprobe", "scratch")
-    if ft_mae and ft_scr:
-        verdict = "beats" if statistics.mean(ft_mae) > statistics.mean(ft_scr) else "does not beat"
-        notes.append(f"- MAE pre-training {verdict} random initialisation in fine-tuning, by "
-                     f"{statistics.mean(ft_mae) - statistics.mean(ft_scr):+.2f} points of top-1 (mean over seeds).")
-    if ft_mae and lp_mae and statistics.mean(lp_mae) > statistics.mean(ft_mae):
+    best = results["fine-tune top-1, best epoch"]
+    lp = results["linear probe top-1"]
+    for a, b in diffs:
+        if best[a] and best[b]:
+            verdict = "beats" if mean(best[a]) > mean(best[b]) else "does not beat"
+            gap = mean(best[a]) - mean(best[b])
+            spread = max([statistics.stdev(best[x]) for x in (a, b) if len(best[x]) > 1], default=float("nan"))
+            noise = (" (within the seed spread)" if abs(gap) <= 2 * spread else "") if spread == spread else ""
+            what = "random initialisation" if b == "scratch" else "MAE"
+            notes.append(f"- {LABELS[a]} pre-training {verdict} {what} in fine-tuning, by {gap:+.2f} points of "
+                         f"top-1 (mean over seeds){noise}.")
+    if best["mae"] and lp["mae"] and mean(lp["mae"]) > mean(best["mae"]):
         notes.append("- At this budget fine-tuning has not converged: a linear probe on the frozen MAE features "
-                     f"({statistics.mean(lp_mae):.2f}%) beats fine-tuning the whole network ({statistics.mean(ft_mae):.2f}%), "
+                     f"({mean(lp['mae']):.2f}%) beats fine-tuning the whole network ({mean(best['mae']):.2f}%), "
                      "and even the random encoder's probe"
-                     + (f" ({statistics.mean(lp_scr):.2f}%)" if lp_scr else "")
+                     + (f" ({mean(lp['scratch']):.2f}%)" if lp["scratch"] else "")
                      + " beats its fine-tune. The improved recipe's RandAugment m10 + mixup are built for 300 "
                      "ImageNet epochs; 6 epochs of 23 steps under them underfit. The comparison is like for like, "
                      "and the gap is what it measures, not absolute Fashion-MNIST accuracy.")
     cmds = (out / "commands.txt").read_text().strip() if (out / "commands.txt").is_file() else "(not recorded)"
-    pre_cfg = (out / "mae_pretrain" / "config.yaml")
-    ft_cfg = next(iter(sorted(out.glob("ft_mae_s*"))), None)
+    pre_lines = []
+    for m, log in pre.items():
+        extra = ""
+        if m != "mae":
+            parts = [k for k in ("loss_mae", "loss_attn") if k in log[-1]]
+            extra = "; " + ", ".join(f"{k} {log[0][k]:.4f} -> {log[-1][k]:.4f}" for k in parts)
+        pre_lines.append(f"  - {LABELS[m]}: loss {log[0]['loss']:.4f} -> {log[-1]['loss']:.4f}{extra}, "
+                         f"{statistics.median(r['img_per_s'] for r in log):.0f} img/s (median over epochs).")
+    teacher = out / "teacher" / "metrics.jsonl"
+    t = pretrain_log(out / "teacher") if teacher.is_file() else []
+    if t:
+        pre_lines.append(f"  - Teacher (D-MAE and D²-MAE): MAE-Small (384-d, 12 blocks, 12 heads), same data and "
+                         f"geometry, {t[-1]['epoch']:.0f} epochs; loss {t[0]['loss']:.4f} -> {t[-1]['loss']:.4f}, "
+                         f"{statistics.median(r['img_per_s'] for r in t):.0f} img/s.")
+    epochs = pre["mae"][-1]["epoch"] if "mae" in pre else float("nan")
+    seeds = ", ".join(sorted({p.name.rsplit("_s", 1)[1] for p in out.glob("ft_*_s*")}))
+    cfgs = [out / f"{m}_pretrain" / "config.yaml" for m in pre] + sorted(out.glob("ft_*_s0/config.yaml"))[:1]
+    title = "MAE" + (", D-MAE, D²-MAE" if len(pre) > 1 else "") + " vs scratch"
     lines = [
-        "# MAE vs scratch on Fashion-MNIST (the paper's finding, small scale, real data)",
+        f"# {title} on Fashion-MNIST (the paper's findings, small scale, real data)",
         "",
         f"Written by `benchmarks/fmnist_table.py` from the runs of `bash benchmarks/fmnist_accuracy.sh`, "
         f"{datetime.date.today().isoformat()}.",
         "",
         f"- Hardware: {cpu_model()}, {torch.get_num_threads()} threads, no GPU (fp32: no native bf16 here).",
         f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}.",
-        "- Model: ViT-Tiny (192-d, 12 blocks, 12 heads) on native 28-px images with 4-px patches (49 tokens).",
-        f"- Pre-training: MAE, mask 0.75, all 60,000 training images (labels unused), {pre[-1]['epoch']:.0f} epochs, "
-        f"batch 256; loss {pre[0]['loss']:.4f} -> {pre[-1]['loss']:.4f}, "
-        f"{statistics.median(r['img_per_s'] for r in pre):.0f} img/s.",
+        "- Model: ViT-Tiny (192-d, 12 blocks, 12 heads, as mae-lite) on native 28-px images with 4-px patches (49 tokens).",
+        f"- Pre-training: mask 0.75, all 60,000 training images (labels unused), {epochs:.0f} epochs, batch 256, "
+        "the same schedule for every student:",
+        *pre_lines,
+        "- D-MAE: MSE between the student's last-layer attention logits, mixed to the teacher's heads by a 1x1 "
+        "adapter, and the teacher's on the same visible patches, weight 1. D²-MAE: the decoder reads block 8; a "
+        "13th norm1 + qk block on top of block 12 carries the distilled attention; blocks 1-12 are exported.",
         "- Labels: a 10% budget, the first 600 training images of each class (6,000). Every accuracy is on all "
         "10,000 test images.",
         "- Fine-tuning: `recipes/demo/finetune_fmnist.yaml` (mae-lite's improved recipe: GAP + fc_norm, AdamW "
@@ -96,12 +137,10 @@ def main(out: Path) -> None:
         "mixup 0.2), 6 epochs, evaluated at epochs 3 and 6. `scratch` is the same run from a random initialisation.",
         "- Linear probe: BatchNorm without affine + linear on frozen features, SGD momentum 0.9, lr 0.1, "
         "90 epochs. k-NN: cosine, k=20, T=0.07, the 6,000 labelled images as the bank.",
-        "- Seeds: fine-tuning and probes use seeds " + ", ".join(sorted({p.name.rsplit("_s", 1)[1] for p in out.glob("ft_mae_s*")}))
-        + "; the MAE encoder is one pre-training run (its k-NN is deterministic: one value); the random encoders "
-        "are drawn from each seed. Spread: sample standard deviation over seeds, values in brackets.",
+        f"- Seeds: fine-tuning and probes use seeds {seeds}; each pre-trained encoder is one pre-training run "
+        "(its k-NN is deterministic: one value); the random encoders are drawn from each seed. Spread: sample "
+        "standard deviation over seeds, values in brackets.",
         "",
-        "| top-1 (%) | MAE pre-trained | scratch (random init) | MAE - scratch |",
-        "|---|---|---|---|",
         *rows,
         "",
         *notes,
@@ -112,7 +151,7 @@ def main(out: Path) -> None:
         cmds,
         "```",
         "",
-        f"Configurations as run: `{pre_cfg}`" + (f", `{ft_cfg / 'config.yaml'}`" if ft_cfg else "") + ".",
+        "Configurations as run: " + ", ".join(f"`{c}`" for c in cfgs if c.is_file()) + ".",
     ]
     print("\n".join(lines))
 

@@ -168,7 +168,9 @@ def bench_model(
     peak = peaks[precision]
     ours = [r for r in rows if not r["name"].startswith("timm")]
     for r in ours:  # each against the peak of the dtype it ran in, and its own FLOPs (a teacher adds some)
-        r["mfu"] = mfu(r["img_per_s"], r.pop("flops"), peaks[r["precision"]]["flops"])
+        case_flops = r.pop("flops")
+        r["mfu"] = mfu(r["img_per_s"], case_flops, peaks[r["precision"]]["flops"])
+        r["gflops_per_image"] = round(case_flops / 1e9, 4) if case_flops else None
     primary = max(ours, key=lambda r: r["img_per_s"], default=rows[0])
     ref_rate = rows[-1]["img_per_s"] if timm_reference else None
     for r in rows:

@@ -29,9 +29,13 @@ class FrozenTeacher:
         self.encoder = encoder.eval().requires_grad_(False)
 
     def _place(self, like: torch.Tensor) -> None:
+        """Once: onto the batch's device, in the compute dtype: autocast's (bf16 on GPU) when it is on, so the
+        frozen weights are stored in bf16 instead of re-cast on every step, else the batch's."""
+        kind = like.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else like.dtype
         p = next(self.encoder.parameters())
-        if p.device != like.device or p.dtype != like.dtype:
-            self.encoder.to(device=like.device, dtype=like.dtype)  # once: the compute dtype (bf16 on GPU)
+        if p.device != like.device or p.dtype != dtype:
+            self.encoder.to(device=like.device, dtype=dtype)
 
     @torch.no_grad()
     def targets(self, imgs: torch.Tensor, ids_shuffle: torch.Tensor, keep: int,
@@ -40,7 +44,7 @@ class FrozenTeacher:
         (the student's), and the outputs of `hidden_layers`."""
         self._place(imgs)
         t = self.encoder
-        x = t.embed_patches(imgs)
+        x = t.embed_patches(imgs.to(next(t.parameters()).dtype))
         vis = ids_shuffle[:, :keep]
         x = t.prepend_cls(torch.gather(x, 1, vis.unsqueeze(-1).expand(-1, -1, x.shape[-1])))
         last = t.depth - 1

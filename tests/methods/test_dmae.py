@@ -51,6 +51,19 @@ def test_teacher_sees_the_students_visible_patches():
     assert (t_logits - s_logits).abs().max() > 1e-3
 
 
+def test_teacher_is_stored_in_the_autocast_dtype():
+    """Under bf16 autocast (GPU, native-bf16 CPUs) the frozen teacher moves to bf16 once, instead of having its
+    weights re-cast on every step; without autocast it keeps the batch's dtype."""
+    student = _student()
+    teacher = create_model("vit_test", img_size=28, patch_size=4, num_classes=0, attn_impl="math")
+    m = DMAE(student, teacher, 0.75)
+    m(_batch())
+    assert next(teacher.parameters()).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(_batch())
+    assert next(teacher.parameters()).dtype == torch.bfloat16 and torch.isfinite(out["loss"])
+
+
 def test_distillation_loss_equals_a_hand_computation():
     student = _student()
     torch.manual_seed(5)
@@ -170,3 +183,5 @@ def test_bench_model_times_mae_with_and_without_a_teacher():
     assert set(rows) == {"mae", "dmae", "d2mae"} and rows["mae"]["ratio_vs_first"] == 1.0
     assert all(r["img_per_s"] > 0 and 0 < r["ratio_vs_first"] for r in rows.values())
     assert "teacher vit_test" in rows["dmae"]["name"]
+    # each case's MFU is against its own FLOPs: the teacher's forward is counted in the distilled rows
+    assert rows["dmae"]["gflops_per_image"] > rows["mae"]["gflops_per_image"] == res["train_gflops_per_image"]
