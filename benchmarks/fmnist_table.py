@@ -46,7 +46,11 @@ LABELS = {"mae": "MAE", "dmae": "D-MAE", "d2mae": "D²-MAE", "scratch": "scratch
 
 
 def pretrain_log(run: Path):
-    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    """A pre-training run's logged losses; [] for a run that is not there."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
     return [r for r in rows if "loss" in r]
 
 
@@ -84,11 +88,11 @@ def main(out: Path) -> None:
             verdict = "beats" if mean(best[a]) > mean(best[b]) else "does not beat"
             gap = mean(best[a]) - mean(best[b])
             spread = max([statistics.stdev(best[x]) for x in (a, b) if len(best[x]) > 1], default=float("nan"))
-            noise = (" (within the seed spread)" if abs(gap) <= 2 * spread else "") if spread == spread else ""
+            noise = " (within the seed spread)" if abs(gap) <= 2 * spread else ""  # False for a nan spread
             what = "random initialisation" if b == "scratch" else "MAE"
             notes.append(f"- {LABELS[a]} pre-training {verdict} {what} in fine-tuning, by {gap:+.2f} points of "
                          f"top-1 (mean over seeds){noise}.")
-    t_log = pretrain_log(out / "teacher") if (out / "teacher" / "metrics.jsonl").is_file() else []
+    t_log = pretrain_log(out / "teacher")
     if t_log and "mae" in pre and t_log[-1]["loss"] > pre["mae"][-1]["loss"]:
         notes.append(f"- The teacher is weaker than the student it should help: its last reconstruction loss "
                      f"({t_log[-1]['loss']:.4f}, MAE-Small after {t_log[-1]['epoch']:.0f} epochs) is above the "
@@ -112,12 +116,10 @@ def main(out: Path) -> None:
             extra = "; " + ", ".join(f"{k} {log[0][k]:.4f} -> {log[-1][k]:.4f}" for k in parts)
         pre_lines.append(f"  - {LABELS[m]}: loss {log[0]['loss']:.4f} -> {log[-1]['loss']:.4f}{extra}, "
                          f"{statistics.median(r['img_per_s'] for r in log):.0f} img/s (median over log intervals).")
-    teacher = out / "teacher" / "metrics.jsonl"
-    t = pretrain_log(out / "teacher") if teacher.is_file() else []
-    if t:
+    if t_log:
         pre_lines.append(f"  - Teacher (D-MAE and D²-MAE): MAE-Small (384-d, 12 blocks, 12 heads), same data and "
-                         f"geometry, {t[-1]['epoch']:.0f} epochs; loss {t[0]['loss']:.4f} -> {t[-1]['loss']:.4f}, "
-                         f"{statistics.median(r['img_per_s'] for r in t):.0f} img/s.")
+                         f"geometry, {t_log[-1]['epoch']:.0f} epochs; loss {t_log[0]['loss']:.4f} -> "
+                         f"{t_log[-1]['loss']:.4f}, {statistics.median(r['img_per_s'] for r in t_log):.0f} img/s.")
     epochs = pre["mae"][-1]["epoch"] if "mae" in pre else float("nan")
     seeds = ", ".join(sorted({p.name.rsplit("_s", 1)[1] for p in out.glob("ft_*_s*")}))
     cfgs = [out / f"{m}_pretrain" / "config.yaml" for m in pre] + sorted(out.glob("ft_*_s0/config.yaml"))[:1]

@@ -28,23 +28,24 @@ class FrozenTeacher:
     def __init__(self, encoder: VisionTransformer):
         self.encoder = encoder.eval().requires_grad_(False)
 
-    def _place(self, like: torch.Tensor) -> None:
+    def _place(self, like: torch.Tensor) -> torch.dtype:
         """Once: onto the batch's device, in the compute dtype: autocast's (bf16 on GPU) when it is on, so the
-        frozen weights are stored in bf16 instead of re-cast on every step, else the batch's."""
+        frozen weights are stored in bf16 instead of re-cast on every step, else the batch's. Returns that dtype."""
         kind = like.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else like.dtype
         p = next(self.encoder.parameters())
         if p.device != like.device or p.dtype != dtype:
             self.encoder.to(device=like.device, dtype=dtype)
+        return dtype
 
     @torch.no_grad()
     def targets(self, imgs: torch.Tensor, ids_shuffle: torch.Tensor, keep: int,
                 hidden_layers: Sequence[int] = ()) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
         """Last-layer attention logits [B, H_t, 1 + keep, 1 + keep] on the visible patches ids_shuffle[:, :keep]
         (the student's), and the outputs of `hidden_layers`."""
-        self._place(imgs)
+        dtype = self._place(imgs)
         t = self.encoder
-        x = t.embed_patches(imgs.to(next(t.parameters()).dtype))
+        x = t.embed_patches(imgs.to(dtype))
         vis = ids_shuffle[:, :keep]
         x = t.prepend_cls(torch.gather(x, 1, vis.unsqueeze(-1).expand(-1, -1, x.shape[-1])))
         last = t.depth - 1
