@@ -83,13 +83,15 @@ def main(out: Path) -> None:
     notes = []
     best = results["fine-tune top-1, best epoch"]
     lp = results["linear probe top-1"]
-    for a, b in diffs:
+    # the two distilled students against each other too (D²-MAE's claim is over D-MAE); a note, not a column
+    pairs = diffs + ([("d2mae", "dmae")] if {"dmae", "d2mae"} <= set(inits) else [])
+    for a, b in pairs:
         if best[a] and best[b]:
             verdict = "beats" if mean(best[a]) > mean(best[b]) else "does not beat"
             gap = mean(best[a]) - mean(best[b])
             spread = max([statistics.stdev(best[x]) for x in (a, b) if len(best[x]) > 1], default=float("nan"))
             noise = " (within the seed spread)" if abs(gap) <= 2 * spread else ""  # False for a nan spread
-            what = "random initialisation" if b == "scratch" else "MAE"
+            what = "random initialisation" if b == "scratch" else LABELS[b]
             notes.append(f"- {LABELS[a]} pre-training {verdict} {what} in fine-tuning, by {gap:+.2f} points of "
                          f"top-1 (mean over seeds){noise}.")
     t_log = pretrain_log(out / "teacher")
