@@ -6,9 +6,11 @@ extras = {
     # builds from source: needs libturbojpeg0-dev libopencv-dev pkg-config (apt) first
     "ffcv": ["ffcv==1.0.2"],
     "deepspeed": ["deepspeed>=0.19"],
+    # `fastvit data photos` reads the sample photographs these packages ship (files only; none is imported)
+    "photos": ["scikit-image", "scikit-learn", "matplotlib"],
     "dev": ["pytest>=8"],
 }
-extras["all"] = sorted({req for name in ("dali", "ffcv", "deepspeed") for req in extras[name]})
+extras["all"] = sorted({req for name in ("dali", "ffcv", "deepspeed", "photos") for req in extras[name]})
 
 setup(
     name="fastvit_pt",

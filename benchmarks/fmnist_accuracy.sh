@@ -36,18 +36,22 @@ for method in $DISTILLED; do
   run $FASTVIT train "recipes/demo/${method}_fmnist.yaml" distill.teacher="$OUT/teacher" --out "$OUT/${method}_pretrain" --resume
 done
 
-PROBE=(--train "$TRAIN" --test "$TEST" --model vit_tiny_patch16 --img-size 28 --patch-size 4 --workers 0)
-LINPROBE=(--optimizer sgd --blr 0.1 --epochs 90)
+# the probes read images as each encoder was pre-trained (its run's 28-px geometry and Fashion-MNIST mean/std);
+# the random encoders have no run: the pre-training recipe stands in for it
+PROBE=(--train "$TRAIN" --test "$TEST" data.workers=0)
+SCRATCH=(--recipe recipes/demo/mae_fmnist_4ep.yaml)
+LINPROBE=(linprobe.optimizer=sgd linprobe.blr=0.1 linprobe.epochs=90)
 for seed in $SEEDS; do
   for init in $PRETRAINED scratch; do
     src=$([ $init = scratch ] && echo scratch || echo "$OUT/${init}_pretrain")
+    base=(); [ $init = scratch ] && base=("${SCRATCH[@]}")
     run $FASTVIT finetune recipes/demo/finetune_fmnist.yaml init="$src" train.seed="$seed" \
       --out "$OUT/ft_${init}_s$seed" --resume
-    once "$OUT/linprobe_${init}_s$seed.json" $FASTVIT linprobe "$src" "${PROBE[@]}" "${LINPROBE[@]}" \
-      --seed "$seed" --json "$OUT/linprobe_${init}_s$seed.json"
+    once "$OUT/linprobe_${init}_s$seed.json" $FASTVIT linprobe "$src" "${PROBE[@]}" "${base[@]}" "${LINPROBE[@]}" \
+      train.seed="$seed" --json "$OUT/linprobe_${init}_s$seed.json"
     # k-NN has no randomness of its own: one run per pre-trained encoder, one per seed for the random encoders
     if [ $init = scratch ] || [ "$seed" = "$(echo $SEEDS | cut -d' ' -f1)" ]; then
-      once "$OUT/knn_${init}_s$seed.json" $FASTVIT knn "$src" "${PROBE[@]}" --seed "$seed" \
+      once "$OUT/knn_${init}_s$seed.json" $FASTVIT knn "$src" "${PROBE[@]}" "${base[@]}" train.seed="$seed" \
         --json "$OUT/knn_${init}_s$seed.json"
     fi
   done

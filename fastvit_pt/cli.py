@@ -35,15 +35,17 @@ class _UserErrors(click.Group):
             raise click.ClickException(_first_line_of_worker_error(str(err))) from None
 
 
+# errors the library raises for bad input, as (module, class): looked up only in modules already imported, so a
+# bad path found before torch loads is reported without loading it (an error of a module never imported cannot occur)
+_USER_ERRORS = (("pipelines.base", "DecodeError"), ("fastvit_pt.engine.checkpoint", "CheckpointError"),
+                ("fastvit_pt.engine.loop", "NonFiniteLossError"), ("fastvit_pt.engine.loop", "RankLostError"))
+
+
 def _is_user_error(err: Exception) -> bool:
-    from pipelines.base import DecodeError
-
-    from .engine.checkpoint import CheckpointError
-    from .engine.loop import NonFiniteLossError, RankLostError
-
-    return isinstance(
-        err, (FileNotFoundError, ValueError, ImportError, CheckpointError, NonFiniteLossError, RankLostError, DecodeError)
-    )
+    if isinstance(err, (FileNotFoundError, FileExistsError, ValueError, ImportError)):
+        return True
+    loaded = (getattr(sys.modules.get(mod), name, None) for mod, name in _USER_ERRORS)
+    return isinstance(err, tuple(cls for cls in loaded if cls is not None))
 
 
 def _first_line_of_worker_error(msg: str) -> str:
@@ -61,12 +63,19 @@ def _write_json(res: dict, json_path: Optional[str]) -> None:
         click.echo(f"wrote {json_path}")
 
 
-def _load(recipe: str, overrides: List[str], out: Optional[str] = None):
+def _load(recipe: str, overrides: List[str], out: Optional[str] = None, check_paths: bool = False):
+    """The resolved config; with check_paths, every path it reads must exist (checked before any heavy import)."""
     from .config import load_config
 
     # `init=PATH` is short for finetune.init=PATH
     overrides = [f"finetune.{o}" if o.startswith("init=") else o for o in overrides]
-    return load_config(recipe, overrides + ([f"train.out_dir={out}"] if out else []))
+    cfg = load_config(recipe, overrides + ([f"train.out_dir={out}"] if out else []))
+    return cfg.check_paths() if check_paths else cfg
+
+
+def _check_resume(resume: Optional[str]) -> None:
+    if resume not in (None, "latest") and not Path(resume).exists():
+        raise FileNotFoundError(f"--resume: checkpoint not found: {resume}")
 
 
 @click.group(cls=_UserErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,7 +104,8 @@ def _run_options(f):
 @_run_options
 def train(recipe: str, overrides: List[str], resume: Optional[str], out: Optional[str], dry_run: bool) -> None:
     """Pre-train (or fine-tune) with RECIPE; KEY=VALUE pairs override it (optim.blr=1e-4 train.epochs=10)."""
-    _run(_load(recipe, overrides, out), resume, dry_run)
+    _check_resume(resume)
+    _run(_load(recipe, overrides, out, check_paths=True), resume, dry_run)
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
@@ -106,11 +116,12 @@ def finetune(recipe: str, overrides: List[str], resume: Optional[str], out: Opti
     eval.every_epochs and keeps the best weights as model-best.pt."""
     from .config import ConfigError
 
+    _check_resume(resume)
     cfg = _load(recipe, overrides, out)
     if cfg.method.name != "finetune":
         raise ConfigError(f"{recipe} trains method {cfg.method.name!r}; fastvit finetune needs a fine-tuning recipe "
                           "(method.name: finetune, e.g. recipes/finetune_tiny_300ep.yaml). Pre-train with fastvit train.")
-    _run(cfg, resume, dry_run)
+    _run(cfg.check_paths(), resume, dry_run)
 
 
 def _run(cfg, resume: Optional[str], dry_run: bool) -> None:
@@ -218,15 +229,48 @@ def data() -> None:
 @click.option("--per-class", type=int, default=None, help="Keep only the first N images of each class per split.")
 def data_fashion_mnist(out_dir: str, source: str, per_class: Optional[int]) -> None:
     """Write Fashion-MNIST as OUT_DIR/{train,test}/<class>/<n>.png (an ImageFolder tree)."""
-    from tqdm import tqdm
-
     from pipelines.fashion_mnist import write_fashion_mnist
 
+    from .engine.metrics import Progress
+
     total = 70_000 if per_class is None else 20 * per_class
-    with tqdm(total=total, desc="fashion-mnist", unit="img", file=sys.stderr, mininterval=1.0) as bar:
+    with Progress(True, total, "fashion-mnist", unit="img", interval=5.0) as bar:
         counts = write_fashion_mnist(out_dir, source, per_class, progress=bar.update)
     for split, class_counts in counts.items():
         click.echo(f"{Path(out_dir) / split}: {sum(class_counts.values())} images in {len(class_counts)} classes")
+
+
+@data.command("photos")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--n", "n", type=int, default=None,
+              help="Images to write [default: each source photograph once]; past the sources, random crops of them.")
+@click.option("--max-side", type=int, default=500, show_default=True,
+              help="Long side of the derived crops, and the cap on the originals' (ImageNet's JPEGs: ~500 px).")
+@click.option("--classes", type=int, default=10, show_default=True, help="Class folders (image i in class i mod K).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--source", "sources", multiple=True, type=click.Path(exists=True, file_okay=False), envvar="FASTVIT_PHOTOS",
+              help="Also use the .jpg/.png photographs in this folder (repeatable; FASTVIT_PHOTOS=DIR[:DIR] too).")
+@click.option("--workers", default=0, show_default=True, help="Encoding processes (0 = every core).")
+def data_photos(out_dir: str, n: Optional[int], max_side: int, classes: int, seed: int, sources, workers: int) -> None:
+    """Write an ImageNet-like class-folder tree of real photographs, OUT_DIR/<class>/img_NNNNNN.JPEG, from the
+    sample photographs that scikit-image, scikit-learn and matplotlib ship (read offline from their installed
+    files), plus any --source folder. Baseline 4:2:0 JPEGs at quality 90-95; deterministic in --seed."""
+    from pipelines.photos import PhotoSettings, find_sources, write_photos
+
+    from .engine.metrics import Progress
+
+    settings = PhotoSettings(n=n, max_side=max_side, classes=classes, seed=seed)
+    settings.validate()
+    found = find_sources(sources)
+    total = n or len(found)
+    t0 = time.perf_counter()
+    with Progress(True, total, "photos", unit="img", interval=5.0) as bar:
+        m = write_photos(out_dir, settings, found, workers, progress=lambda done, _: bar.update(done - bar.n))
+    origins = sorted({x["origin"].split(":")[0] for x in m["sources"]})
+    click.echo(f"wrote {m['images']} images in {m['classes']} classes to {out_dir} in {time.perf_counter() - t0:.1f} s: "
+               f"{m['originals']} source photographs as they are (long side <= {max_side} px) and {m['derived']} random "
+               f"crops of them at {max_side} px; mean {m['mean_kb']} KB; sources: {', '.join(origins)}; "
+               f"manifest {Path(out_dir) / '.photos.json'}")
 
 
 @main.command()
@@ -241,17 +285,19 @@ def data_fashion_mnist(out_dir: str, source: str, per_class: Optional[int]) -> N
 @click.option("--strict", is_flag=True, help="Fail (and leave no .beton) if any file has to be skipped.")
 def convert(src, out, max_res, quality, mode, workers, limit, strict):
     """Convert a class-folder tree SRC (ImageNet layout) to an FFCV .beton OUT, with a manifest OUT.json."""
-    from tqdm import tqdm
-
     from pipelines.beton import ConversionError, ConvertSettings, convert as run_convert, manifest_path
+
+    from .engine.metrics import Progress
 
     settings = ConvertSettings(max_res=max_res, quality=quality, mode=mode, workers=workers, limit=limit, strict=strict)
     bar = None
 
-    def progress(stage, done, total):
+    def progress(stage, done, total):  # one bar per stage (prepare, then FFCV's write), one after the other
         nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc="prepare", unit="img", file=sys.stderr, mininterval=0.5)
+        if bar is None or bar.desc != stage:
+            if bar is not None:
+                bar.close()
+            bar = Progress(True, total, stage, unit="img", interval=5.0)
         bar.update(done - bar.n)
 
     t0 = time.perf_counter()
@@ -298,9 +344,8 @@ def bench() -> None:
 def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, warmup, device, timm_ref, engines,
                     ablate, teacher, json_path):
     """Model-only train-step img/s (the engine's forward + backward + AdamW step) on a synthetic batch, with MFU."""
-    from tqdm import tqdm
-
     from .bench import ABLATION, bench_model
+    from .engine.metrics import Progress
 
     impls = [a.strip() for a in attn.split(",") if a.strip()]
     kinds = [e.strip() for e in engines.split(",") if e.strip()]
@@ -309,7 +354,7 @@ def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, 
         raise click.UsageError(f"--engine: expected torch and/or deepspeed, got {', '.join(bad)}")
     ref = None if timm_ref.lower() == "none" else timm_ref
     cases = len(ABLATION) if ablate else len(impls) * len(kinds) * (3 if teacher else 1)
-    with tqdm(total=steps * (cases + (ref is not None)), desc="bench model", file=sys.stderr) as bar:
+    with Progress(True, steps * (cases + (ref is not None)), "bench model", unit="step") as bar:
         res = bench_model(model, batch, img_size, patch_size, precision, impls, steps, warmup, device,
                           timm_reference=ref, progress=bar.update, engines=kinds, variants=ABLATION if ablate else (),
                           teacher=teacher)
@@ -336,13 +381,12 @@ def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, 
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
 def bench_e2e_cmd(recipe, overrides, steps, warmup, windows, json_path):
     """End-to-end img/s of RECIPE's real training steps, beside its loader alone and its model alone, with MFU."""
-    from tqdm import tqdm
-
+    cfg = _load(recipe, overrides, check_paths=True)  # bad input answers before the heavy imports
     from .bench import DISTILL_METHODS, bench_e2e
+    from .engine.metrics import Progress
 
-    cfg = _load(recipe, overrides)
     distill = cfg.method.name in DISTILL_METHODS
-    with tqdm(total=(7 if distill else 3) * windows * steps, desc="bench e2e", file=sys.stderr) as bar:
+    with Progress(True, (7 if distill else 3) * windows * steps, "bench e2e", unit="step") as bar:
         res = bench_e2e(cfg, steps, warmup, windows, progress=bar.update)
     if not res["is_main"]:
         return
@@ -392,63 +436,65 @@ def bench_loader_cmd(data_path, beton, backends, workers, batch, img_size, epoch
     _write_json(res, json_path)
 
 
-@main.command()
-@click.argument("checkpoint", type=click.Path())
-@click.option("--train", "train_data", required=True, help="Feature bank: a class-folder tree or a .beton.")
-@click.option("--test", "test_data", required=True, help="Scored images: a class-folder tree or a .beton.")
-@click.option("--model", default=None, help="Encoder name (default: the run's, or vit_tiny_patch16).")
-@click.option("--img-size", type=int, default=None)
-@click.option("--patch-size", type=int, default=None)
-@click.option("-k", "k", default=20, show_default=True)
-@click.option("--temperature", default=0.07, show_default=True)
-@click.option("--batch", default=256, show_default=True)
-@click.option("--workers", default=2, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Initialisation seed for CHECKPOINT=scratch.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
-def knn(checkpoint, train_data, test_data, model, img_size, patch_size, k, temperature, batch, workers, device, seed,
-        json_path):
-    """Weighted k-NN accuracy (cosine, k=20, T=0.07) of the backbone in CHECKPOINT: a fastvit checkpoint, run
-    directory or exported model, a facebookresearch/mae or mae-lite checkpoint, a timm state dict, or
-    `scratch` (a random initialisation, the baseline)."""
-    from .eval.knn import evaluate_knn
+def _eval_options(f):
+    """CHECKPOINT, KEY=VALUE overrides, --train, --test, --recipe, --json: what knn and linprobe share."""
+    for deco in reversed([
+        click.argument("checkpoint", type=click.Path()),
+        click.argument("overrides", nargs=-1),
+        click.option("--train", "train_data", required=True, type=click.Path(exists=True),
+                     help="Training images (the k-NN bank, the probe's training set): a class-folder tree or a .beton."),
+        click.option("--test", "test_data", required=True, type=click.Path(exists=True),
+                     help="Scored images: a class-folder tree or a .beton."),
+        click.option("--recipe", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Base config instead of the run's own: for checkpoints from elsewhere, or scratch."),
+        click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here."),
+    ]):
+        f = deco(f)
+    return f
 
-    res = evaluate_knn(checkpoint, train_data, test_data, model, img_size, patch_size, k, temperature, batch, workers,
-                       device, seed)
+
+def _eval_setup(checkpoint: str, recipe: Optional[str], overrides: List[str]):
+    if checkpoint != "scratch" and not Path(checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint} (or pass scratch for a random initialisation)")
+    from .eval.checkpoints import eval_config
+
+    return eval_config(checkpoint, recipe, overrides)
+
+
+@main.command()
+@_eval_options
+def knn(checkpoint, overrides, train_data, test_data, recipe, json_path):
+    """Weighted k-NN accuracy (cosine, knn.k=20, knn.temperature=0.07) of the backbone in CHECKPOINT: a fastvit
+    checkpoint, run directory or exported model, a facebookresearch/mae or mae-lite checkpoint, a timm state
+    dict, or `scratch` (a random initialisation from train.seed, the baseline). Images are read as the run was
+    trained (its model, image and patch size, data.mean and data.std), or as --recipe says; KEY=VALUE overrides
+    either (knn.k=10 data.workers=0 engine.device=cpu)."""
+    from .eval.knn import describe_inputs, evaluate_knn
+
+    cfg, origin = _eval_setup(checkpoint, recipe, overrides)
+    res = evaluate_knn(checkpoint, train_data, test_data, cfg, origin)
     click.echo(res["import"])
-    click.echo(f"k-NN (k={k}, T={temperature}) on {res['test_images']} images, bank of {res['train_images']}: "
-               f"top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}%")
+    click.echo(describe_inputs(res))
+    click.echo(f"k-NN (k={res['k']}, T={res['temperature']}) on {res['test_images']} images, bank of "
+               f"{res['train_images']}: top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}%")
     _write_json(res, json_path)
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path())
-@click.option("--train", "train_data", required=True, help="Training images: a class-folder tree or a .beton.")
-@click.option("--test", "test_data", required=True, help="Evaluation images: a class-folder tree or a .beton.")
-@click.option("--epochs", default=90, show_default=True)
-@click.option("--blr", default=0.1, show_default=True,
-              help="Base lr; lr = blr x batch / 256. MAE: 0.1 at batch 16384 (lr 6.4); LARS at small batches needs "
-                   "a larger blr for the same lr.")
-@click.option("--batch", default=256, show_default=True)
-@click.option("--optimizer", type=click.Choice(["lars", "sgd"]), default="lars", show_default=True)
-@click.option("--model", default=None, help="Encoder name (default: the run's, or vit_tiny_patch16).")
-@click.option("--img-size", type=int, default=None)
-@click.option("--patch-size", type=int, default=None)
-@click.option("--workers", default=2, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Probe seed (and initialisation seed for CHECKPOINT=scratch).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
-def linprobe(checkpoint, train_data, test_data, epochs, blr, batch, optimizer, model, img_size, patch_size, workers,
-             device, seed, json_path):
-    """Linear-probe accuracy (BatchNorm without affine + linear, LARS, on frozen features) of the backbone in
-    CHECKPOINT (any layout `fastvit knn` reads)."""
+@_eval_options
+def linprobe(checkpoint, overrides, train_data, test_data, recipe, json_path):
+    """Linear-probe accuracy (BatchNorm without affine + linear on frozen features; linprobe.optimizer=lars,
+    linprobe.epochs=90, linprobe.blr=0.1, seed train.seed) of the backbone in CHECKPOINT (anything `fastvit knn`
+    reads), its images read as the run was trained or as --recipe says; KEY=VALUE overrides either."""
+    from .eval.knn import describe_inputs
     from .eval.linprobe import evaluate_linear_probe
 
-    res = evaluate_linear_probe(checkpoint, train_data, test_data, epochs, blr, batch, optimizer, model, img_size,
-                                patch_size, workers, device, seed)
+    cfg, origin = _eval_setup(checkpoint, recipe, overrides)
+    res = evaluate_linear_probe(checkpoint, train_data, test_data, cfg, origin)
     click.echo(res["import"])
-    click.echo(f"linear probe ({optimizer}, {epochs} epochs, lr {res['lr']:g}) on {res['test_images']} images: "
-               f"top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}%")
+    click.echo(describe_inputs(res))
+    click.echo(f"linear probe ({res['optimizer']}, {res['epochs']} epochs, lr {res['lr']:g}) on {res['test_images']} "
+               f"images: top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}%")
     _write_json(res, json_path)
 
 

@@ -106,6 +106,34 @@ class EvalConfig:
 
 
 @dataclass
+class KnnConfig:
+    """fastvit knn: weighted k-NN on frozen features (DINO's protocol, as mae-lite's analysis runs it)."""
+
+    k: int = 20
+    """Neighbours that vote."""
+    temperature: float = 0.07
+    """Each neighbour votes with weight exp(cosine similarity / temperature)."""
+    batch: int = 256
+    """Images per feature-extraction forward pass."""
+
+
+@dataclass
+class LinprobeConfig:
+    """fastvit linprobe: BatchNorm without affine + one linear layer on frozen features (MAE's probe)."""
+
+    epochs: int = 90
+    """Probe epochs over the cached features."""
+    blr: float = 0.1
+    """Base lr; lr = blr x batch / 256. MAE: 0.1 at batch 16384 (lr 6.4); LARS at small batches needs a larger blr."""
+    batch: int = 256
+    """Probe batch (and feature-extraction batch)."""
+    optimizer: str = "lars"
+    """lars (MAE's) or sgd."""
+    warmup_epochs: int = 10
+    """Linear warm-up, then half-cosine, per iteration."""
+
+
+@dataclass
 class OptimConfig:
     blr: float = 1.5e-4
     """Base learning rate; the applied peak is blr * train.global_batch / 256."""
@@ -189,6 +217,8 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    linprobe: LinprobeConfig = field(default_factory=LinprobeConfig)
 
     def validate(self) -> "Config":
         m, e, t = self.model, self.engine, self.train
@@ -215,6 +245,13 @@ class Config:
             raise ConfigError(f"distill.decoder_block must be >= 1 (1-based), got {d.decoder_block}")
         if self.eval.every_epochs < 1 or self.eval.micro_batch < 1:
             raise ConfigError("eval.every_epochs and eval.micro_batch must be >= 1")
+        if self.knn.k < 1 or self.knn.temperature <= 0 or self.knn.batch < 1:
+            raise ConfigError(f"knn: need k >= 1, temperature > 0 and batch >= 1, got {self.knn}")
+        lp = self.linprobe
+        if lp.optimizer not in ("lars", "sgd"):
+            raise ConfigError(f"linprobe.optimizer: expected lars or sgd, got {lp.optimizer!r}")
+        if lp.epochs < 1 or lp.batch < 1 or lp.warmup_epochs < 0 or lp.blr <= 0:
+            raise ConfigError(f"linprobe: need epochs >= 1, batch >= 1, warmup_epochs >= 0 and blr > 0, got {lp}")
         if self.optim.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optim.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optim.optimizer!r}")
         if e.kind not in ENGINES:
@@ -249,6 +286,26 @@ class Config:
             self.data.validate()
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        return self
+
+    def check_paths(self) -> "Config":
+        """Every path a run reads must exist: checked before torch is imported, so a typo answers at once.
+        (Not part of validate(): a checkpoint's stored config names paths of the machine that trained it.)"""
+        data = Path(self.data.path) if self.data.path else None
+        if data is None:
+            raise ConfigError("data.path is not set: the training images (a class-folder tree, or a .beton for "
+                              "data.backend=ffcv), e.g. data.path=data/fmnist/train")
+        if self.data.backend == "ffcv":
+            if not data.is_file():
+                raise FileNotFoundError(f"data.backend=ffcv reads a .beton file, and {data} is not one; make it with: "
+                                  f"fastvit convert SRC {data}")
+        elif not data.is_dir():
+            raise FileNotFoundError(f"data folder not found: {data} (data.path; expected ROOT/<class>/<image> files)")
+        for key, value in (("eval.path", self.eval.path), ("distill.teacher", self.distill.teacher),
+                           ("engine.deepspeed_config", self.engine.deepspeed_config),
+                           ("finetune.init", None if self.finetune.init == "scratch" else self.finetune.init)):
+            if value and not Path(value).exists():
+                raise FileNotFoundError(f"{key}: not found: {value}")
         return self
 
     @property
@@ -393,6 +450,13 @@ def load_config(recipe: Optional[str | Path] = None, overrides: Optional[List[st
         _merge(cfg, parse_overrides(overrides))
     if not cfg.train.out_dir:
         cfg.train.out_dir = "runs/default"
+    return cfg.validate()
+
+
+def apply_overrides(cfg: Config, overrides: List[str]) -> Config:
+    """`KEY=VALUE` overrides written into an existing config (a run's own, say), then validated."""
+    if overrides:
+        _merge(cfg, parse_overrides(list(overrides)))
     return cfg.validate()
 
 

@@ -14,6 +14,7 @@ is written under a temporary name and renamed at the end; a JSON manifest goes b
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import multiprocessing as mp
@@ -246,7 +247,8 @@ def convert(
         image_field.encode = types.MethodType(_encode_prepared, image_field)
         page = _page_size(largest)
         writer = DatasetWriter(str(tmp), {"image": image_field, "label": IntField()}, page_size=page, num_workers=1)
-        writer.from_indexed_dataset(_Spill(spill, records), chunksize=256)
+        with _writer_progress(progress):
+            writer.from_indexed_dataset(_Spill(spill, records), chunksize=256)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -269,6 +271,34 @@ def convert(
     tmp_manifest.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
     os.replace(tmp_manifest, manifest_path(out))
     return manifest
+
+
+class _StageBar:
+    """Stands in for the tqdm bar FFCV's writer draws itself (a second bar, with cursor escapes in a log file):
+    its updates go to our progress callback as the "write" stage."""
+
+    def __init__(self, progress: Optional[Callable[[str, int, int], None]], total: int):
+        self.progress, self.total, self.n = progress, int(total), 0
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if self.progress:
+            self.progress("write", self.n, self.total)
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _writer_progress(progress: Optional[Callable[[str, int, int], None]]):
+    import ffcv.writer
+
+    drawn = ffcv.writer.tqdm  # FFCV 1.0 draws `tqdm(total=N)` in DatasetWriter._write_common
+    ffcv.writer.tqdm = lambda total=0, **_: _StageBar(progress, total)
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = drawn
 
 
 def manifest_path(beton: str | Path) -> Path:

@@ -1,4 +1,5 @@
-"""Shared fixtures: real data only (Fashion-MNIST from its Debian package, the shared photographs)."""
+"""Shared fixtures: real data only (Fashion-MNIST from its Debian package; photographs that installed packages
+ship, gathered by `fastvit data photos`, plus FASTVIT_PHOTOS=DIR[:DIR] folders where someone has them)."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PHOTOS = Path(os.environ.get("FASTVIT_PHOTOS", REPO.parent / "shared" / "data" / "photos"))
 
 
 @pytest.fixture(scope="session")
@@ -22,15 +22,20 @@ def fmnist_small(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def photo_tree(tmp_path_factory) -> Path:
-    """The shared real photographs, spread over 3 class folders (symlinks)."""
-    photos = sorted(PHOTOS.glob("*.jpg"))
-    assert len(photos) >= 30, f"expected the shared photographs in {PHOTOS}"
-    root = tmp_path_factory.mktemp("photos")
-    for i, p in enumerate(photos):
-        d = root / f"class{i % 3}"
-        d.mkdir(exist_ok=True)
-        (d / p.name).symlink_to(p)
+    """48 real photographs in 3 class folders, long side <= 400 px: the packages' sample photographs, then
+    random crops of them (`fastvit data photos`); FASTVIT_PHOTOS folders join the sources when set."""
+    from pipelines.photos import PhotoSettings, find_sources, write_photos
+
+    extra = [d for d in os.environ.get("FASTVIT_PHOTOS", "").split(os.pathsep) if d]
+    root = tmp_path_factory.mktemp("photos") / "tree"
+    write_photos(root, PhotoSettings(n=48, max_side=400, classes=3), find_sources(extra), workers=2)
     return root
+
+
+@pytest.fixture(scope="session")
+def photo_files(photo_tree) -> list:
+    """The photo tree's JPEG files, sorted: the packages' own photographs first."""
+    return sorted(photo_tree.rglob("*.JPEG"), key=lambda p: p.name)
 
 
 def tiny_mae_overrides(data_path: Path, out_dir: Path, **extra) -> list:

@@ -28,6 +28,35 @@ def test_help_is_fast_and_imports_nothing_heavy():
     assert time.perf_counter() - t0 < 5.0  # generous: the real figure is ~0.1 s; the import check is the point
 
 
+def test_bad_input_answers_before_torch_is_imported(tmp_path):
+    """A missing path, a bad key and a bad value are found from the recipe alone: the answer comes without
+    loading torch (seconds on a busy machine), so it is immediate."""
+    cases = [
+        (["train", "recipes/demo/mae_fmnist.yaml", f"data.path={tmp_path / 'nope'}"], "data folder not found"),
+        (["train", "recipes/demo/mae_fmnist.yaml", "data.backend=ffcv", f"data.path={tmp_path / 'x.beton'}"],
+         "is not one; make it with: fastvit convert"),
+        (["train", "recipes/demo/mae_fmnist.yaml", "optim.blrr=1"], "did you mean 'optim.blr'"),
+        (["train", "recipes/demo/mae_fmnist.yaml", "train.epochs=ten"], "train.epochs: expected int"),
+        (["train", "recipes/demo/mae_fmnist.yaml", "--resume", str(tmp_path / "c.pt")], "--resume: checkpoint not found"),
+        (["finetune", "recipes/demo/finetune_fmnist.yaml", f"init={tmp_path / 'none.pt'}", f"data.path={tmp_path}"],
+         "finetune.init: not found"),
+        (["bench", "e2e", "recipes/demo/mae_fmnist.yaml", f"data.path={tmp_path}", f"eval.path={tmp_path / 'e'}"],
+         "eval.path: not found"),
+    ]
+    code = (
+        "import json, sys; from click.testing import CliRunner; from fastvit_pt.cli import main; "
+        f"cases = {[c for c, _ in cases]!r}; out = []\n"
+        "for args in cases:\n"
+        "    r = CliRunner().invoke(main, args)\n"
+        "    out.append((r.exit_code, r.output, 'torch' in sys.modules))\n"
+        "print(json.dumps(out))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    for (args, want), (exit_code, output, torch_loaded) in zip(cases, __import__("json").loads(res.stdout)):
+        assert exit_code in (1, 2) and want in output and "Traceback" not in output, (args, output)
+        assert not torch_loaded, f"{args}: torch was imported before the error"
+
+
 def test_config_prints_resolved_yaml():
     r = run("config", "recipes/mae_tiny_1600ep.yaml", "optim.blr=2e-4")
     assert r.returncode == 0, r.stderr
@@ -114,7 +143,7 @@ def test_bench_loader_writes_json(photo_tree, tmp_path):
     import json
 
     res = json.loads(out.read_text())
-    assert set(res["backends"]) == {"torchvision", "dali"} and res["images"] == 59
+    assert set(res["backends"]) == {"torchvision", "dali"} and res["images"] == 48
     assert res["backends"]["torchvision"]["ratio_vs_torchvision"] == 1.0
     assert all(b["img_per_s"] > 0 for b in res["backends"].values()) and res["decode_only_img_per_s"] > 0
     assert "dali" in r.stdout and "decode only" in r.stdout

@@ -56,7 +56,7 @@ class TrainResult:
     last_loss: Optional[float] = None
     img_per_s: Optional[float] = None
     losses: List[float] = field(default_factory=list)  # one per log interval, for tests and summaries
-    evals: List[dict] = field(default_factory=list)  # {"epoch", "top1", "top5", "loss", "images"} per evaluation
+    evals: List[dict] = field(default_factory=list)  # {"epoch", "top1", "top5", "loss", "images", "precision"} each
     best: Optional[dict] = None  # the best evaluation so far (also in best.json; its weights in model-best.pt)
 
 
@@ -178,6 +178,9 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
                       "differ from an uninterrupted run (the data order does not depend on it)", file=sys.stderr)
             seed_everything(t.seed + env.rank + 1_000_003 * (state["epoch"] + 1))
         start_epoch = state["epoch"] + 1
+        if env.is_main:
+            print(f"resuming from {resume_path} (epoch {start_epoch}, step {engine.global_step}): "
+                  f"{t.epochs - start_epoch} of {t.epochs} epochs to go", file=sys.stderr)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -240,7 +243,9 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
             result.epochs_run += 1
             result.steps = engine.global_step
             if eval_loader is not None and ((epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == t.epochs):
-                ev = {"epoch": epoch + 1, **evaluate(engine, eval_loader, env, f"eval {epoch + 1}/{t.epochs}")}
+                # the precision is part of the score: model-best.pt re-scores it exactly when evaluated the same way
+                ev = {"epoch": epoch + 1, **evaluate(engine, eval_loader, env, f"eval {epoch + 1}/{t.epochs}"),
+                      "precision": engine.precision}
                 result.evals.append(ev)
                 logger.log(engine.global_step, {f"eval_{k}": v for k, v in ev.items()})
                 if result.best is None or ev["top1"] > result.best["top1"]:

@@ -36,27 +36,58 @@ class MetricLogger:
 
 
 class Progress:
-    """tqdm bar over one epoch's micro-batches with loss, img/s and the whole run's ETA; rank 0 only."""
+    """Progress of a long job on stderr, rank 0 only. On a terminal: a tqdm bar. Anywhere else (a log file,
+    CI, `make demo | tee`): a plain line every `interval` seconds and one at the end, never carriage returns
+    or cursor escapes. `postfix` values (loss, img/s, eta) ride along on both."""
 
-    def __init__(self, enabled: bool, total: int, desc: str):
+    def __init__(self, enabled: bool, total: int, desc: str, unit: str = "it", interval: float = 10.0):
         self.bar = None
-        if enabled:
+        self.enabled, self.total, self.desc, self.unit, self.interval = enabled, total, desc, unit, interval
+        self.n, self.postfix = 0, {}
+        self.t0 = self.last = time.perf_counter()
+        if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            # a non-tty (CI, `make demo | tee`) gets a line every 10 s instead of a carriage-return storm
-            interactive = sys.stderr.isatty()
-            self.bar = tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True, leave=True,
-                            mininterval=0.1 if interactive else 10.0, file=sys.stderr)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=True, mininterval=0.1,
+                            file=sys.stderr)
 
     def update(self, n: int = 1, postfix: Optional[Dict[str, str]] = None) -> None:
+        if not self.enabled:
+            return
+        self.n += n
+        if postfix:
+            self.postfix = dict(postfix)
         if self.bar is not None:
             if postfix:
                 self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        elapsed = now - self.t0
+        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        rate = f", {self.n / elapsed:.1f} {self.unit}/s" if elapsed > 0 else ""
+        extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit}{pct}{rate}{extra}, {format_eta(elapsed)} elapsed",
+              file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+        elif self.enabled and self.n:
+            self._line(time.perf_counter())
+        self.enabled = False
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def summarize_run(run_dir: Path) -> Dict[str, float]:

@@ -60,52 +60,57 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
     return {f"top{k}": round(100.0 * hits[:, :k].any(dim=1).float().mean().item(), 2) for k in ks}
 
 
-def backbone_features(checkpoint: str, train_data: str, test_data: str, model: str | None = None,
-                      img_size: int | None = None, patch_size: int | None = None, workers: int = 2,
-                      device: str = "auto", batch: int = 256, seed: int = 0):
+def backbone_features(checkpoint: str, train_data: str, test_data: str, cfg, batch: int):
     """Frozen features of the backbone in `checkpoint` on two data sets (class-folder trees or .beton files,
-    evaluation crops). Model name and sizes come from the run's config when the checkpoint is ours, else from
-    the arguments (default ViT-Tiny/16 at 224). checkpoint="scratch" is the randomly initialised encoder
-    (drawn from `seed`), the baseline a pre-training must beat. Returns (train, test, class count, info)."""
+    evaluation crops), read as `cfg` says (`eval_config`): the encoder `cfg.model.name` (an mae_* name means its
+    encoder) at its image and patch size, images normalised with cfg.data.mean / std on cfg.engine.device.
+    checkpoint="scratch" is the randomly initialised encoder (drawn from cfg.train.seed), the baseline a
+    pre-training must beat. Returns (train, test, class count, info)."""
+    import dataclasses
+
     import pipelines
 
     from ..distributed.env import pick_device
     from ..models import create_model
-    from .checkpoints import load_backbone, run_config
+    from .checkpoints import load_backbone
 
     scratch = checkpoint == "scratch"
-    cfg = None if scratch else run_config(checkpoint)
-    name = model or (cfg.model.name.removeprefix("mae_") if cfg else "vit_tiny_patch16")
-    size = img_size or (cfg.model.img_size if cfg else 224)
-    patch = patch_size or (cfg.model.patch_size if cfg else 16)
-    dev = pick_device(device)
+    m, seed = cfg.model, cfg.train.seed
+    name = m.name.removeprefix("mae_")
+    dev = pick_device(cfg.engine.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = create_model(name, img_size=size, patch_size=patch, num_classes=0)
+        encoder = create_model(name, img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans, num_classes=0)
     report = f"random initialisation (seed {seed})" if scratch else load_backbone(encoder, checkpoint)
     encoder.to(dev)
 
     def features(path: str):
         backend = "ffcv" if str(path).endswith(".beton") else "torchvision"
-        pcfg = pipelines.PipelineConfig(backend=backend, path=str(path), workers=workers)
-        pcfg.validate()
-        loader = pipelines.build_loader(pcfg, img_size=size, batch_size=batch, device=dev, train=False, drop_last=False)
+        pcfg = dataclasses.replace(cfg.data, backend=backend, path=str(path), randaugment="")
+        loader = pipelines.build_loader(pcfg, img_size=m.img_size, batch_size=batch, device=dev, train=False,
+                                        drop_last=False)
         return extract_features(encoder, loader, desc=f"features {path}"), len(loader.classes)
 
     (xtr, ytr), n_classes = features(train_data)
     (xte, yte), _ = features(test_data)
     n_classes = max(n_classes, int(ytr.max()) + 1, int(yte.max()) + 1)
-    info = {"train_images": len(ytr), "test_images": len(yte), "model": name, "img_size": size,
+    info = {"train_images": len(ytr), "test_images": len(yte), "model": name, "img_size": m.img_size,
+            "patch_size": m.patch_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std), "seed": seed,
             "checkpoint": str(checkpoint), "import": str(report)}
     return (xtr, ytr), (xte, yte), n_classes, info
 
 
-def evaluate_knn(checkpoint: str, train_data: str, test_data: str, model: str | None = None, img_size: int | None = None,
-                 patch_size: int | None = None, k: int = 20, temperature: float = 0.07, batch: int = 256,
-                 workers: int = 2, device: str = "auto", seed: int = 0) -> dict:
-    """k-NN top-1/top-5 of the backbone in `checkpoint` (any layout `load_backbone` reads): features of
-    `train_data` are the bank, `test_data` is scored."""
-    (xtr, ytr), (xte, yte), n_classes, info = backbone_features(checkpoint, train_data, test_data, model, img_size,
-                                                                patch_size, workers, device, batch, seed)
+def describe_inputs(info: dict) -> str:
+    """One line: what the backbone was fed (printed by knn and linprobe, so a mismatch is visible)."""
+    fmt = lambda v: "[" + ", ".join(f"{x:g}" for x in v) + "]"  # noqa: E731
+    return (f"{info['model']} at {info['img_size']} px (patch {info['patch_size']}), normalised with mean "
+            f"{fmt(info['mean'])} std {fmt(info['std'])}; from {info['config']}")
+
+
+def evaluate_knn(checkpoint: str, train_data: str, test_data: str, cfg, origin: str = "") -> dict:
+    """k-NN top-1/top-5 (cfg.knn: k, temperature) of the backbone in `checkpoint` (any layout `load_backbone`
+    reads): features of `train_data` are the bank, `test_data` is scored."""
+    k, temperature = cfg.knn.k, cfg.knn.temperature
+    (xtr, ytr), (xte, yte), n_classes, info = backbone_features(checkpoint, train_data, test_data, cfg, cfg.knn.batch)
     acc = topk_accuracy(knn_predict(xtr, ytr, xte, n_classes, k, temperature), yte)
-    return {**acc, "k": k, "temperature": temperature, "seed": seed, **info}
+    return {**acc, "k": k, "temperature": temperature, **info, "config": origin}

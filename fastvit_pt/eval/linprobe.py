@@ -8,7 +8,7 @@ seconds long on a CPU; it measures the same thing, a little optimistically for s
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn as nn
@@ -93,14 +93,13 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: tor
             "batch": batch, "lr": lr, "optimizer": optimizer}
 
 
-def evaluate_linear_probe(checkpoint: str, train_data: str, test_data: str, epochs: int = 90, blr: float = 0.1,
-                          batch: int = 256, optimizer: str = "lars", model: Optional[str] = None,
-                          img_size: Optional[int] = None, patch_size: Optional[int] = None, workers: int = 2,
-                          device: str = "auto", seed: int = 0) -> Dict:
-    """The linear-probe top-1/top-5 of the backbone in `checkpoint` (any layout `load_backbone` reads)."""
+def evaluate_linear_probe(checkpoint: str, train_data: str, test_data: str, cfg, origin: str = "") -> Dict:
+    """The linear-probe top-1/top-5 (cfg.linprobe: epochs, blr, batch, optimizer, warm-up; seed cfg.train.seed)
+    of the backbone in `checkpoint` (any layout `load_backbone` reads), its inputs as `eval_config` resolves."""
     from .knn import backbone_features
 
-    (xtr, ytr), (xte, yte), n_classes, info = backbone_features(checkpoint, train_data, test_data, model, img_size,
-                                                                patch_size, workers, device, seed=seed)
-    res = train_linear_probe(xtr, ytr, xte, yte, n_classes, epochs, batch, blr, optimizer, seed=seed)
-    return {**res, **info}
+    lp = cfg.linprobe
+    (xtr, ytr), (xte, yte), n_classes, info = backbone_features(checkpoint, train_data, test_data, cfg, lp.batch)
+    res = train_linear_probe(xtr, ytr, xte, yte, n_classes, lp.epochs, lp.batch, lp.blr, lp.optimizer,
+                             warmup_epochs=lp.warmup_epochs, seed=cfg.train.seed)
+    return {**res, **info, "config": origin}

@@ -61,6 +61,18 @@ class Finetune(nn.Module):
         return layer_decay_groups(self.model, weight_decay, self.layer_decay, self.model.depth)
 
 
+def _warn_on_other_statistics(cfg, init: str) -> None:
+    """A backbone fine-tuned on inputs normalised unlike its pre-training starts from features of other inputs."""
+    from ..eval.checkpoints import run_config
+
+    pre = run_config(init)
+    if pre is not None and (tuple(pre.data.mean), tuple(pre.data.std)) != (tuple(cfg.data.mean), tuple(cfg.data.std)):
+        print(f"warning: {init} was pre-trained on images normalised with mean {list(pre.data.mean)} std "
+              f"{list(pre.data.std)}, and this recipe normalises with mean {list(cfg.data.mean)} std "
+              f"{list(cfg.data.std)}; set data.mean / data.std to the pre-training's unless this is deliberate",
+              file=sys.stderr)
+
+
 def build(cfg, attn_impl: str = "sdpa", num_classes: int = 1000, is_main: bool = True, **_) -> Finetune:
     m, f = cfg.model, cfg.finetune
     if not f.init:
@@ -78,6 +90,7 @@ def build(cfg, attn_impl: str = "sdpa", num_classes: int = 1000, is_main: bool =
         report = load_backbone(model, f.init)
         if is_main:
             print(f"finetune.init: {report}", file=sys.stderr)
+            _warn_on_other_statistics(cfg, f.init)
     # MAE's head init: tiny weights, so the pre-trained features are not disturbed by a random projection
     nn.init.trunc_normal_(model.head.weight, std=2e-5)
     nn.init.zeros_(model.head.bias)

@@ -95,10 +95,12 @@ def test_eval_top1_top5_and_loss_on_a_known_case():
     assert res["loss"] == pytest.approx(hand_loss, abs=1e-4)
 
 
-def _mae_checkpoint(fmnist_small: Path, tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def mae_run(fmnist_small, tmp_path_factory) -> Path:
+    """A one-epoch MAE pre-training (fp32, pinned by tiny_mae_overrides) to fine-tune from."""
     from fastvit_pt.engine.loop import train
 
-    out = tmp_path / "pre"
+    out = tmp_path_factory.mktemp("pre") / "run"
     train(load_config(None, tiny_mae_overrides(fmnist_small / "train", out, **{"train.epochs": 1})))
     return out
 
@@ -114,18 +116,21 @@ def _finetune_overrides(fmnist_small: Path, out: Path, init: str, **extra):
     return [f"finetune.{k}={v}" if k == "init" else f"{k}={v}" for k, v in base.items()]
 
 
-def test_finetune_from_mae_keeps_the_best_and_its_weights_score_it(fmnist_small, tmp_path):
+# both on every machine: bf16 is native on some CPUs and emulated (slow, so the run is tiny) on others
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_finetune_from_mae_keeps_the_best_and_its_weights_score_it(fmnist_small, mae_run, tmp_path, precision):
     import pipelines
+    from fastvit_pt.distributed.base import DTYPES
     from fastvit_pt.engine.evaluate import BEST_MODEL, read_best
-    from fastvit_pt.engine.loop import build_training, train
+    from fastvit_pt.engine.loop import build_training, resolve_attn_impl, train
     from fastvit_pt.eval.checkpoints import read_backbone
 
-    pre = _mae_checkpoint(fmnist_small, tmp_path)
-    cfg = load_config(REPO / "recipes/demo/finetune_fmnist.yaml", _finetune_overrides(fmnist_small, tmp_path / "ft", str(pre)))
+    cfg = load_config(REPO / "recipes/demo/finetune_fmnist.yaml",
+                      _finetune_overrides(fmnist_small, tmp_path / "ft", str(mae_run), **{"engine.precision": precision}))
 
     # the encoder starts from the pre-trained blocks; the head is fresh and tiny; groups carry layer decay
     _, method, engine, _ = build_training(cfg, DistEnv())
-    enc, _, _ = read_backbone(pre)
+    enc, _, _ = read_backbone(mae_run)
     torch.testing.assert_close(method.model.blocks[1].attn.qkv.weight, enc["blocks.1.attn.qkv.weight"])
     assert method.model.head.weight.abs().max() < 1e-3
     scales = sorted({g["lr_scale"] for g in engine.optimizer.param_groups})
@@ -135,15 +140,21 @@ def test_finetune_from_mae_keeps_the_best_and_its_weights_score_it(fmnist_small,
     assert [e["epoch"] for e in res.evals] == [1, 2]
     best = read_best(tmp_path / "ft")
     assert best == res.best and best["top1"] == max(e["top1"] for e in res.evals)
+    assert best["precision"] == precision  # what "scored" means: evaluated in the run's precision
     assert best["top1"] > 15.0  # 10 balanced classes: chance is 10% (+-1% over 1,000 test images)
 
-    # model-best.pt holds the weights that scored best: loaded into a fresh classifier they score it again
-    model = create_model("vit_test", img_size=28, patch_size=4, num_classes=10, global_pool="avg")
+    # model-best.pt holds the weights that scored best: loaded into a fresh classifier and evaluated as the run
+    # evaluated (its attention, images in its compute dtype, its autocast) they score it again, exactly
+    cpu = torch.device("cpu")
+    model = create_model("vit_test", img_size=28, patch_size=4, num_classes=10, global_pool="avg",
+                         attn_impl=resolve_attn_impl(cfg.model.attn_impl, cpu, precision))
     model.load_state_dict(torch.load(tmp_path / "ft" / BEST_MODEL, weights_only=True))
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values())  # exported fp32, whatever the run
     loader = pipelines.build_loader(cfg.data.__class__(path=str(fmnist_small / "test"), workers=0, mean=cfg.data.mean,
                                                        std=cfg.data.std), img_size=28, batch_size=200, train=False,
-                                    drop_last=False)
-    engine = SimpleNamespace(module=model, autocast=contextlib.nullcontext(), kernels=contextlib.nullcontext)
+                                    drop_last=False, dtype=DTYPES[precision])
+    autocast = contextlib.nullcontext() if precision == "fp32" else torch.autocast("cpu", dtype=torch.bfloat16)
+    engine = SimpleNamespace(module=model, autocast=autocast, kernels=contextlib.nullcontext)
     assert evaluate(engine, loader, DistEnv())["top1"] == best["top1"]
 
 

@@ -33,7 +33,7 @@ def test_short_run_lowers_the_loss(fmnist_small, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])
-def test_resume_is_exact(fmnist_small, tmp_path, backend):
+def test_resume_is_exact(fmnist_small, tmp_path, backend, capsys):
     data = fmnist_small / "train"
     full = tmp_path / "full"
     be = {"data.backend": backend, "data.workers": 0 if backend == "torchvision" else 2}
@@ -41,8 +41,10 @@ def test_resume_is_exact(fmnist_small, tmp_path, backend):
     part = tmp_path / "part"
     first = train(load_config(None, tiny_mae_overrides(data, part, **be, **{"train.stop_after_epochs": 1})))
     assert first.epochs_run == 1
+    capsys.readouterr()
     second = train(load_config(None, tiny_mae_overrides(data, part, **be)), resume="latest")
     assert second.epochs_run == 2
+    assert f"resuming from {part / 'checkpoint-0001.pt'} (epoch 1, step 10): 2 of 3 epochs to go" in capsys.readouterr().err
     assert _losses(part) == _losses(full)  # bit-identical, not merely close
     a = load_checkpoint(latest_checkpoint(full))["engine"]["model"]
     b = load_checkpoint(latest_checkpoint(part))["engine"]["model"]

@@ -33,21 +33,58 @@ def test_knn_command_reads_a_run_and_its_exported_backbone(fmnist_small, tmp_pat
     from fastvit_pt.config import load_config
     from fastvit_pt.engine.loop import train
 
-    train(load_config(None, tiny_mae_overrides(fmnist_small / "train", tmp_path / "run", **{"train.epochs": 1})))
+    fmnist = {"data.mean": "[0.286,0.286,0.286]", "data.std": "[0.353,0.353,0.353]"}
+    train(load_config(None, tiny_mae_overrides(fmnist_small / "train", tmp_path / "run", **{"train.epochs": 1}, **fmnist)))
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "fastvit_pt.cli", *args], capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    data = ["--train", str(fmnist_small / "train"), "--test", str(fmnist_small / "test")]
     results = []
     for source in (tmp_path / "run", tmp_path / "run" / "model-0001.pt"):
         out = tmp_path / f"{source.name}.json"
-        r = subprocess.run([sys.executable, "-m", "fastvit_pt.cli", "knn", str(source), "--train",
-                            str(fmnist_small / "train"), "--test", str(fmnist_small / "test"), "--workers", "0",
-                            "--json", str(out)], capture_output=True, text=True, cwd=REPO)
-        assert r.returncode == 0, r.stderr
+        r = cli("knn", str(source), *data, "data.workers=0", "--json", str(out))
         assert "k-NN (k=20, T=0.07) on 1000 images, bank of 1000: top-1" in r.stdout
+        assert "vit_test at 28 px (patch 4), normalised with mean [0.286, 0.286, 0.286] std [0.353, 0.353, 0.353]; " \
+               "from the run's config" in r.stdout
         results.append(json.loads(out.read_text()))
-    assert results[0]["model"] == "vit_test" and results[0]["img_size"] == 28  # from the run's config
+    # model, geometry and normalisation come from the run's config, as it was trained
+    assert results[0]["model"] == "vit_test" and results[0]["img_size"] == 28 and results[0]["mean"] == [0.286] * 3
     assert results[0]["top1"] == results[1]["top1"] > 35.0  # the same backbone either way
-    r = subprocess.run([sys.executable, "-m", "fastvit_pt.cli", "linprobe", str(tmp_path / "run"), "--train",
-                        str(fmnist_small / "train"), "--test", str(fmnist_small / "test"), "--workers", "0",
-                        "--epochs", "10", "--batch", "100", "--optimizer", "sgd"], capture_output=True, text=True,
-                       cwd=REPO)
-    assert r.returncode == 0, r.stderr
+    # an override is applied on top (here: the ImageNet statistics the run never saw, and another k)
+    out = tmp_path / "imagenet.json"
+    cli("knn", str(tmp_path / "run"), *data, "data.workers=0", "knn.k=5", "data.mean=[0.485,0.456,0.406]",
+        "data.std=[0.229,0.224,0.225]", "--json", str(out))
+    other = json.loads(out.read_text())
+    assert other["k"] == 5 and other["mean"] == [0.485, 0.456, 0.406] and "data.mean=" in other["config"]
+    # scratch has no run: its geometry and statistics come from a recipe
+    out = tmp_path / "scratch.json"
+    cli("knn", "scratch", *data, "--recipe", "recipes/demo/mae_fmnist.yaml", "model.name=vit_test", "--json", str(out))
+    scratch = json.loads(out.read_text())
+    assert scratch["mean"] == [0.286] * 3 and scratch["img_size"] == 28 and "random initialisation" in scratch["import"]
+    r = cli("linprobe", str(tmp_path / "run"), *data, "data.workers=0", "linprobe.epochs=10", "linprobe.batch=100",
+            "linprobe.optimizer=sgd")
     assert "linear probe (sgd, 10 epochs, lr 0.0390625) on 1000 images: top-1" in r.stdout
+    assert "normalised with mean [0.286, 0.286, 0.286]" in r.stdout
+
+
+def test_knn_bad_input_names_the_problem(fmnist_small, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "fastvit_pt.cli", *args], capture_output=True, text=True, cwd=REPO)
+
+    data = ["--train", str(fmnist_small / "train"), "--test", str(fmnist_small / "test")]
+    r = cli("knn", str(tmp_path / "none.pt"), *data)
+    assert r.returncode == 1 and "checkpoint not found" in r.stderr and "Traceback" not in r.stderr
+    r = cli("knn", "scratch", "--train", str(tmp_path / "nope"), "--test", str(fmnist_small / "test"))
+    assert r.returncode == 2 and "nope" in r.stderr and "does not exist" in r.stderr
+    r = cli("linprobe", "scratch", *data, "linprobe.optimizer=adam")
+    assert r.returncode == 2 and "linprobe.optimizer: expected lars or sgd" in r.stderr
+    r = cli("knn", "scratch", *data, "knn.kk=3")
+    assert r.returncode == 2 and "did you mean 'knn.k'" in r.stderr

@@ -1,4 +1,5 @@
-"""A class-folder tree with the files real ImageNet and user folders contain, built from the shared photos."""
+"""A class-folder tree with the files real ImageNet and user folders contain, built from real photographs
+(the `photo_files` fixture)."""
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ SKIP_REASONS = {"truncated.jpg": "not a decodable image", "empty.jpg": "empty fi
 
 
 def build(photos: list, root: Path) -> Path:
+    if len(photos) < 6:
+        raise ValueError(f"messy_tree.build needs 6 photographs, got {len(photos)}")
     a, b = root / "n01_a", root / "n02_b"
     a.mkdir(parents=True)
     b.mkdir()

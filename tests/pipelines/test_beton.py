@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from conftest import PHOTOS
 from messy_tree import KEEP, SKIP_REASONS, build
 from pipelines.beton import ConversionError, ConvertSettings, convert, manifest_path
 
 
 @pytest.fixture(scope="module")
-def messy(tmp_path_factory):
-    return build(sorted(PHOTOS.glob("*.jpg")), tmp_path_factory.mktemp("messy"))
+def messy(photo_files, tmp_path_factory):
+    return build(photo_files, tmp_path_factory.mktemp("messy"))
 
 
 def read_back(beton):
