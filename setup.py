@@ -19,8 +19,9 @@ setup(
     packages=find_packages(include=["fastvit_pt", "fastvit_pt.*", "pipelines", "pipelines.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
-        "torchvision>=0.19",
+        # the oldest tested: torch 2.11 + torchvision 0.26, the lent GPU machine's (tests pass under them on CPU)
+        "torch>=2.11",
+        "torchvision>=0.26",
         "timm>=1.0",
         "numpy",
         "click>=8.1",

@@ -8,7 +8,6 @@ import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -152,7 +151,8 @@ def bench_model(
         if timm_reference:
             import timm
 
-            ref = timm.create_model(timm_reference, num_heads=12, num_classes=1000).to(dev).train()
+            ref = timm.create_model(timm_reference, num_heads=12, num_classes=1000, img_size=img_size,
+                                    patch_size=patch_size).to(dev).train()  # the same tokens as ours
             ce = nn.CrossEntropyLoss()
             step = _train_step(ref, lambda: ce(ref(images), labels), precision, dev)
             built.append((f"timm {timm_reference} (12 heads, all tokens)", "timm default", {"engine": "plain loop"}, step))
@@ -265,93 +265,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "cpu"
-
-
-def _decode_file(path: str) -> int:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return int(np.asarray(im.convert("RGB")).shape[0])
-
-
-def decode_only(paths: Sequence[str], workers: int) -> float:
-    """img/s of decoding `paths` at their stored size (PIL / libjpeg-turbo), no augmentation, in `workers`
-    processes: the ceiling any loader on these cores could reach without a faster decoder."""
-    import multiprocessing as mp
-
-    t0 = time.perf_counter()
-    if workers > 1:
-        with mp.get_context("fork").Pool(workers) as pool:
-            for _ in pool.imap_unordered(_decode_file, paths, chunksize=16):
-                pass
-    else:
-        for p in paths:
-            _decode_file(p)
-    return len(paths) / (time.perf_counter() - t0)
-
-
-def bench_loader(
-    data: str,
-    backends: Sequence[str] = ("torchvision", "dali"),
-    beton: Optional[str] = None,
-    workers: int = 2,
-    batch: int = 64,
-    img_size: int = 224,
-    epochs: int = 3,
-    device: str = "cpu",
-    progress: Optional[Callable[[str], None]] = None,
-) -> Dict:
-    """Loader-only img/s per backend (MAE pre-training augmentation, batches delivered normalised on the
-    device): one warm-up epoch, then the median of `epochs` epochs; plus the decode-only ceiling, all in
-    one run, so the ratios compare like with like."""
-    import pipelines
-    from pipelines.folder import scan_folder
-
-    from .distributed.env import pick_device
-
-    dev = pick_device(device)
-    samples, classes = scan_folder(data)
-    results: Dict[str, Dict] = {}
-    for backend in backends:
-        if backend == "ffcv" and not beton:
-            raise ValueError("bench loader: the ffcv backend needs --beton FILE (made by `fastvit convert`)")
-        # ffcv resizes with INTER_AREA whatever it is told; the others draw bilinear/bicubic per sample
-        cfg = pipelines.PipelineConfig(backend=backend, path=beton if backend == "ffcv" else data, workers=workers,
-                                       interpolation="bilinear" if backend == "ffcv" else "random")
-        loader = pipelines.build_loader(cfg, img_size=img_size, batch_size=batch, seed=0, device=dev)
-        rates = []
-        for epoch in range(epochs + 1):
-            loader.set_epoch(epoch)
-            n, t0 = 0, time.perf_counter()
-            for b in loader:
-                n += len(b)
-            _sync(dev)
-            if epoch > 0:  # epoch 0 warms up: worker start, file cache, DALI pipeline build
-                rates.append(n / (time.perf_counter() - t0))
-            if progress:
-                progress(f"{backend} epoch {epoch}{' (warm-up)' if epoch == 0 else ''}: {n / (time.perf_counter() - t0):.0f} img/s")
-        results[backend] = {"img_per_s": round(statistics.median(rates), 1), "epochs_img_per_s": [round(r, 1) for r in rates]}
-        del loader
-    paths = [p for p, _ in samples]
-    decode_only(paths, workers)  # warm the page cache like the loaders' warm-up epochs
-    ceiling = round(statistics.median(decode_only(paths, workers) for _ in range(epochs)), 1)
-    ref = results.get("torchvision", {}).get("img_per_s")
-    for r in results.values():
-        r["ratio_vs_torchvision"] = round(r["img_per_s"] / ref, 2) if ref else None
-    return {
-        "backends": results,
-        "decode_only_img_per_s": ceiling,
-        "decode_only": "PIL (libjpeg-turbo) decode at stored size to RGB, no augmentation, same worker count",
-        "data": data,
-        "beton": beton,
-        "images": len(samples),
-        "classes": len(classes),
-        "workers": workers,
-        "batch": batch,
-        "img_size": img_size,
-        "epochs": epochs,
-        "env": environment(dev),
-    }
 
 
 def _cycle(loader):

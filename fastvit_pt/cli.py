@@ -411,23 +411,26 @@ def bench_e2e_cmd(recipe, overrides, steps, warmup, windows, json_path):
 @bench.command("loader")
 @click.option("--data", "data_path", required=True, type=click.Path(file_okay=False), help="Class-folder tree.")
 @click.option("--beton", type=click.Path(dir_okay=False), default=None, help="The same images as a .beton, for ffcv.")
-@click.option("--backends", default=None, help="Default: torchvision,ffcv,dali with --beton, else torchvision,dali.")
+@click.option("--backends", default=None, help="Default: torchvision,ffcv,dali with --beton, else torchvision,dali. "
+              "tv-decode: torchvision.io.decode_jpeg on --device (batched nvJPEG on CUDA), crop and flip there too.")
 @click.option("--workers", default=2, show_default=True, help="Decoding workers (processes, FFCV or DALI threads).")
 @click.option("--batch", default=64, show_default=True)
 @click.option("--img-size", default=224, show_default=True)
 @click.option("--epochs", default=3, show_default=True, help="Timed epochs after one warm-up epoch (median reported).")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="fp32", show_default=True,
+              help="dtype the batches are normalised to on the device (training delivers its compute dtype).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
-def bench_loader_cmd(data_path, beton, backends, workers, batch, img_size, epochs, device, json_path):
+def bench_loader_cmd(data_path, beton, backends, workers, batch, img_size, epochs, device, precision, json_path):
     """Loader-only img/s per backend, the decode-only ceiling, and each backend's ratio to torchvision."""
-    from .bench import bench_loader
+    from .bench_loader import bench_loader
 
     backends = backends or ("torchvision,ffcv,dali" if beton else "torchvision,dali")
     names = [b.strip() for b in backends.split(",") if b.strip()]
     res = bench_loader(data_path, names, beton, workers, batch, img_size, epochs, device,
-                       progress=lambda msg: click.echo(msg, err=True))
+                       progress=lambda msg: click.echo(msg, err=True), precision=precision)
     click.echo(f"{res['images']} images in {data_path}, {workers} workers, batch {batch}, {img_size} px, "
-               f"median of {epochs} epochs after a warm-up epoch")
+               f"{res['precision']} on {res['device']}, median of {epochs} epochs after a warm-up epoch")
     click.echo(f"{'backend':14s} {'img/s':>9s} {'vs torchvision':>15s}")
     for name, r in res["backends"].items():
         ratio = f"{r['ratio_vs_torchvision']:.2f}x" if r["ratio_vs_torchvision"] else "-"

@@ -289,23 +289,26 @@ class Config:
         return self
 
     def check_paths(self) -> "Config":
-        """Every path a run reads must exist: checked before torch is imported, so a typo answers at once.
-        (Not part of validate(): a checkpoint's stored config names paths of the machine that trained it.)"""
-        data = Path(self.data.path) if self.data.path else None
-        if data is None:
+        """Every path a run reads must exist: checked before torch is imported, so a typo answers at once, and
+        every missing path is named in one message. (Not part of validate(): a checkpoint's stored config names
+        paths of the machine that trained it.)"""
+        if not self.data.path:
             raise ConfigError("data.path is not set: the training images (a class-folder tree, or a .beton for "
                               "data.backend=ffcv), e.g. data.path=data/fmnist/train")
+        data, missing = Path(self.data.path), []
         if self.data.backend == "ffcv":
             if not data.is_file():
-                raise FileNotFoundError(f"data.backend=ffcv reads a .beton file, and {data} is not one; make it with: "
-                                  f"fastvit convert SRC {data}")
+                missing.append(f"data.backend=ffcv reads a .beton file, and {data} is not one; make it with: "
+                               f"fastvit convert SRC {data}")
         elif not data.is_dir():
-            raise FileNotFoundError(f"data folder not found: {data} (data.path; expected ROOT/<class>/<image> files)")
+            missing.append(f"data folder not found: {data} (data.path; expected ROOT/<class>/<image> files)")
         for key, value in (("eval.path", self.eval.path), ("distill.teacher", self.distill.teacher),
                            ("engine.deepspeed_config", self.engine.deepspeed_config),
                            ("finetune.init", None if self.finetune.init == "scratch" else self.finetune.init)):
             if value and not Path(value).exists():
-                raise FileNotFoundError(f"{key}: not found: {value}")
+                missing.append(f"{key}: not found: {value}")
+        if missing:
+            raise FileNotFoundError("; ".join(missing))
         return self
 
     @property

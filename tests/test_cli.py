@@ -38,7 +38,8 @@ def test_bad_input_answers_before_torch_is_imported(tmp_path):
         (["train", "recipes/demo/mae_fmnist.yaml", "optim.blrr=1"], "did you mean 'optim.blr'"),
         (["train", "recipes/demo/mae_fmnist.yaml", "train.epochs=ten"], "train.epochs: expected int"),
         (["train", "recipes/demo/mae_fmnist.yaml", "--resume", str(tmp_path / "c.pt")], "--resume: checkpoint not found"),
-        (["finetune", "recipes/demo/finetune_fmnist.yaml", f"init={tmp_path / 'none.pt'}", f"data.path={tmp_path}"],
+        (["finetune", "recipes/demo/finetune_fmnist.yaml", f"init={tmp_path / 'none.pt'}", f"data.path={tmp_path}",
+          f"eval.path={tmp_path}"],
          "finetune.init: not found"),
         (["bench", "e2e", "recipes/demo/mae_fmnist.yaml", f"data.path={tmp_path}", f"eval.path={tmp_path / 'e'}"],
          "eval.path: not found"),
@@ -147,3 +148,15 @@ def test_bench_loader_writes_json(photo_tree, tmp_path):
     assert res["backends"]["torchvision"]["ratio_vs_torchvision"] == 1.0
     assert all(b["img_per_s"] > 0 for b in res["backends"].values()) and res["decode_only_img_per_s"] > 0
     assert "dali" in r.stdout and "decode only" in r.stdout
+
+
+def test_progress_in_a_log_is_plain_lines(fmnist_small, tmp_path):
+    """stderr is a pipe here, as in CI or `make demo | tee`: no carriage returns or cursor escapes (FFCV's own
+    writer bar included), one line per stage at least, and the summary on stdout."""
+    r = run("convert", str(fmnist_small / "train"), str(tmp_path / "f.beton"), "--mode", "raw", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and "\x1b[" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert any(ln.startswith("prepare: 1000/1000 img (100%)") for ln in lines), r.stderr
+    assert any(ln.startswith("write: 1000/1000 img (100%)") for ln in lines), r.stderr
+    assert "wrote " in r.stdout and "1000 images in 10 classes" in r.stdout

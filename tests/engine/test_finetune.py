@@ -163,12 +163,13 @@ def _cli(*args):
 
 
 def test_finetune_errors_name_the_problem(fmnist_small, tmp_path):
-    r = _cli("finetune", "recipes/demo/finetune_fmnist.yaml", f"data.path={fmnist_small / 'train'}", "--out", str(tmp_path / "a"))
+    r = _cli("finetune", "recipes/demo/finetune_fmnist.yaml", f"data.path={fmnist_small / 'train'}",
+             f"eval.path={fmnist_small / 'test'}", "--out", str(tmp_path / "a"))
     assert r.returncode != 0 and "finetune.init is required" in r.stderr and "Traceback" not in r.stderr
     r = _cli("finetune", "recipes/demo/mae_fmnist.yaml", "init=scratch", "--out", str(tmp_path / "b"))
     assert r.returncode != 0 and "needs a fine-tuning recipe" in r.stderr
     r = _cli("finetune", "recipes/demo/finetune_fmnist.yaml", f"init={tmp_path / 'nothing.pt'}",
-             f"data.path={fmnist_small / 'train'}", "--out", str(tmp_path / "c"))
+             f"data.path={fmnist_small / 'train'}", f"eval.path={fmnist_small / 'test'}", "--out", str(tmp_path / "c"))
     assert r.returncode != 0 and "nothing.pt" in r.stderr and "Traceback" not in r.stderr
     # evaluation during training is for classifiers
     r = _cli("train", "recipes/demo/mae_fmnist.yaml", f"data.path={fmnist_small / 'train'}",
