@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fastvit_pt.bench_loader import epoch_rates  # noqa: E402  (the one warm-up + timed-epochs loop)
 
 IMG, BATCH = 224, 64
 
@@ -211,14 +212,7 @@ def profile_torchvision(root: str, n: int, passes: int, seed: int = 0) -> dict:
     # end to end: the real loader, workers=0, one warm-up epoch then the median of `passes`
     loader = pipelines.build_loader(cfg, img_size=IMG, batch_size=BATCH, seed=seed, device="cpu")
     # only the first n images: the loader reads the whole tree; rate per image delivered is what compares
-    e2e = []
-    for epoch in range(passes + 1):
-        loader.set_epoch(epoch)
-        k, t0 = 0, time.perf_counter()
-        for b in loader:
-            k += len(b)
-        if epoch:
-            e2e.append((time.perf_counter() - t0) / k * 1e6)
+    e2e = [1e6 / r for r in epoch_rates(loader, passes)]
     return {
         "images": n,
         "stages_us": {k: round(v, 1) for k, v in stages.items()},
@@ -226,7 +220,7 @@ def profile_torchvision(root: str, n: int, passes: int, seed: int = 0) -> dict:
         "model_sum_us": round(sum(model.values()), 1),
         "e2e_loader_us": round(statistics.median(e2e), 1),
         "e2e_loader_us_passes": [round(x, 1) for x in e2e],
-        "e2e_images_per_epoch": k,
+        "e2e_images_per_epoch": len(loader) * BATCH,  # whole batches only (drop_last)
         "tree_images": loader.num_samples,
         "mean_source_size": [round(float(np.mean([s[0] for s in sizes])), 1), round(float(np.mean([s[1] for s in sizes])), 1)],
         "mean_crop_side_px": round(float(np.mean([np.sqrt(p["height"] * p["width"]) for p in params])), 1),
@@ -251,18 +245,11 @@ def profile_ffcv(beton: str, passes: int, seed: int = 0) -> dict:
 
     cfg = PipelineConfig(backend="ffcv", path=beton, workers=1, interpolation="bilinear")
 
-    def epochs(make, name):
+    def epochs(make):
         try:
             loader = make()
-            per = []
-            for epoch in range(passes + 1):
-                if hasattr(loader, "set_epoch"):
-                    loader.set_epoch(epoch)
-                k, t0 = 0, time.perf_counter()
-                for b in loader:
-                    k += (len(b) if hasattr(b, "images") else b[0].shape[0])
-                if epoch:
-                    per.append((time.perf_counter() - t0) / k * 1e6)
+            per = [1e6 / r for r in epoch_rates(loader, passes, count=lambda b: len(b) if hasattr(b, "images")
+                                                 else b[0].shape[0])]
             return {"us": round(statistics.median(per), 1), "passes": [round(x, 1) for x in per]}
         except Exception as err:  # SimpleRGBImageDecoder refuses variable-size images
             return {"error": f"{type(err).__name__}: {str(err)[:200]}"}
@@ -275,13 +262,13 @@ def profile_ffcv(beton: str, passes: int, seed: int = 0) -> dict:
     rrc = lambda: RandomResizedCropRGBImageDecoder((IMG, IMG), scale=tuple(cfg.crop_scale), ratio=tuple(cfg.crop_ratio))
     out = {}
     with torch_threads_kept():
-        out["SimpleRGBImageDecoder (decode only)"] = epochs(raw([SimpleRGBImageDecoder()]), "simple")
+        out["SimpleRGBImageDecoder (decode only)"] = epochs(raw([SimpleRGBImageDecoder()]))
         out["CenterCropRGBImageDecoder ratio 1 -> 224 (decode + minimal resize)"] = epochs(
-            raw([CenterCropRGBImageDecoder((IMG, IMG), ratio=1.0)]), "center")
-        out["RandomResizedCropRGBImageDecoder alone"] = epochs(raw([rrc()]), "rrc")
-        out["RRC decoder + RandomHorizontalFlip"] = epochs(raw([rrc(), RandomHorizontalFlip(cfg.hflip)]), "rrc+flip")
+            raw([CenterCropRGBImageDecoder((IMG, IMG), ratio=1.0)]))
+        out["RandomResizedCropRGBImageDecoder alone"] = epochs(raw([rrc()]))
+        out["RRC decoder + RandomHorizontalFlip"] = epochs(raw([rrc(), RandomHorizontalFlip(cfg.hflip)]))
         out["FfcvLoader (real, workers=1: + ToTensor, ToTorchImage, DeviceNormalize)"] = epochs(
-            lambda: pipelines.build_loader(cfg, img_size=IMG, batch_size=BATCH, seed=seed, device="cpu"), "real")
+            lambda: pipelines.build_loader(cfg, img_size=IMG, batch_size=BATCH, seed=seed, device="cpu"))
     return out
 
 

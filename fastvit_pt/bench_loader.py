@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -99,6 +99,28 @@ class DeviceDecodeLoader:
         return F.horizontal_flip(out) if bool(torch.rand(()) < c.hflip) else out
 
 
+def epoch_rates(loader, epochs: int, device: Optional[torch.device] = None, count: Callable = len,
+                progress: Optional[Callable[[str], None]] = None, label: str = "loader") -> List[float]:
+    """img/s of `epochs` timed epochs of `loader`, after one untimed warm-up epoch (worker start, file cache, DALI
+    pipeline build). `count(batch)` is a batch's image count; a loader without set_epoch (a raw FFCV Loader)
+    reads the same order each epoch; CUDA is synchronised before each epoch's clock is read."""
+    rates = []
+    for epoch in range(epochs + 1):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        n, t0 = 0, time.perf_counter()
+        for b in loader:
+            n += count(b)
+        if device is not None:
+            _sync(device)
+        rate = n / (time.perf_counter() - t0)
+        if epoch > 0:
+            rates.append(rate)
+        if progress:
+            progress(f"{label} epoch {epoch}{' (warm-up)' if epoch == 0 else ''}: {rate:.0f} img/s")
+    return rates
+
+
 def bench_loader(
     data: str,
     backends: Sequence[str] = ("torchvision", "dali"),
@@ -140,17 +162,7 @@ def bench_loader(
         else:
             loader = pipelines.build_loader(cfg, img_size=img_size, batch_size=batch, seed=0, device=dev,
                                             dtype=DTYPES[precision])
-        rates = []
-        for epoch in range(epochs + 1):
-            loader.set_epoch(epoch)
-            n, t0 = 0, time.perf_counter()
-            for b in loader:
-                n += len(b)
-            _sync(dev)
-            if epoch > 0:  # epoch 0 warms up: worker start, file cache, DALI pipeline build
-                rates.append(n / (time.perf_counter() - t0))
-            if progress:
-                progress(f"{backend} epoch {epoch}{' (warm-up)' if epoch == 0 else ''}: {n / (time.perf_counter() - t0):.0f} img/s")
+        rates = epoch_rates(loader, epochs, dev, progress=progress, label=backend)
         results[backend] = {"img_per_s": round(statistics.median(rates), 1), "epochs_img_per_s": [round(r, 1) for r in rates]}
         if backend == DEVICE_DECODE:
             results[backend]["measures"] = DeviceDecodeLoader.MEASURES
