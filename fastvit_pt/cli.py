@@ -63,19 +63,12 @@ def _write_json(res: dict, json_path: Optional[str]) -> None:
         click.echo(f"wrote {json_path}")
 
 
-def _load(recipe: str, overrides: List[str], out: Optional[str] = None, check_paths: bool = False):
-    """The resolved config; with check_paths, every path it reads must exist (checked before any heavy import)."""
+def _load(recipe: str, overrides: List[str], out: Optional[str] = None):
     from .config import load_config
 
     # `init=PATH` is short for finetune.init=PATH
     overrides = [f"finetune.{o}" if o.startswith("init=") else o for o in overrides]
-    cfg = load_config(recipe, overrides + ([f"train.out_dir={out}"] if out else []))
-    return cfg.check_paths() if check_paths else cfg
-
-
-def _check_resume(resume: Optional[str]) -> None:
-    if resume not in (None, "latest") and not Path(resume).exists():
-        raise FileNotFoundError(f"--resume: checkpoint not found: {resume}")
+    return load_config(recipe, overrides + ([f"train.out_dir={out}"] if out else []))
 
 
 @click.group(cls=_UserErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,8 +97,7 @@ def _run_options(f):
 @_run_options
 def train(recipe: str, overrides: List[str], resume: Optional[str], out: Optional[str], dry_run: bool) -> None:
     """Pre-train (or fine-tune) with RECIPE; KEY=VALUE pairs override it (optim.blr=1e-4 train.epochs=10)."""
-    _check_resume(resume)
-    _run(_load(recipe, overrides, out, check_paths=True), resume, dry_run)
+    _run(_load(recipe, overrides, out), resume, dry_run)
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
@@ -116,15 +108,18 @@ def finetune(recipe: str, overrides: List[str], resume: Optional[str], out: Opti
     eval.every_epochs and keeps the best weights as model-best.pt."""
     from .config import ConfigError
 
-    _check_resume(resume)
     cfg = _load(recipe, overrides, out)
     if cfg.method.name != "finetune":
         raise ConfigError(f"{recipe} trains method {cfg.method.name!r}; fastvit finetune needs a fine-tuning recipe "
                           "(method.name: finetune, e.g. recipes/finetune_tiny_300ep.yaml). Pre-train with fastvit train.")
-    _run(cfg.check_paths(), resume, dry_run)
+    _run(cfg, resume, dry_run)
 
 
 def _run(cfg, resume: Optional[str], dry_run: bool) -> None:
+    # every path the run reads must exist: a typo answers here, before torch is imported
+    if resume not in (None, "latest") and not Path(resume).exists():
+        raise FileNotFoundError(f"--resume: checkpoint not found: {resume}")
+    cfg.check_paths()
     if dry_run:
         from .engine.plan import describe_plan
 
@@ -255,7 +250,7 @@ def data_photos(out_dir: str, n: Optional[int], max_side: int, classes: int, see
     """Write an ImageNet-like class-folder tree of real photographs, OUT_DIR/<class>/img_NNNNNN.JPEG, from the
     sample photographs that scikit-image, scikit-learn and matplotlib ship (read offline from their installed
     files), plus any --source folder. Baseline 4:2:0 JPEGs at quality 90-95; deterministic in --seed."""
-    from pipelines.photos import PhotoSettings, find_sources, write_photos
+    from pipelines.photos import MANIFEST, PhotoSettings, find_sources, write_photos
 
     from .engine.metrics import Progress
 
@@ -270,7 +265,7 @@ def data_photos(out_dir: str, n: Optional[int], max_side: int, classes: int, see
     click.echo(f"wrote {m['images']} images in {m['classes']} classes to {out_dir} in {time.perf_counter() - t0:.1f} s: "
                f"{m['originals']} source photographs as they are (long side <= {max_side} px) and {m['derived']} random "
                f"crops of them at {max_side} px; mean {m['mean_kb']} KB; sources: {', '.join(origins)}; "
-               f"manifest {Path(out_dir) / '.photos.json'}")
+               f"manifest {Path(out_dir) / MANIFEST}")
 
 
 @main.command()
@@ -381,7 +376,7 @@ def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, 
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
 def bench_e2e_cmd(recipe, overrides, steps, warmup, windows, json_path):
     """End-to-end img/s of RECIPE's real training steps, beside its loader alone and its model alone, with MFU."""
-    cfg = _load(recipe, overrides, check_paths=True)  # bad input answers before the heavy imports
+    cfg = _load(recipe, overrides).check_paths()  # bad input answers before the heavy imports
     from .bench import DISTILL_METHODS, bench_e2e
     from .engine.metrics import Progress
 

@@ -184,7 +184,8 @@ def write_photos(out_dir: str | Path, settings: Optional[PhotoSettings] = None, 
     n = len(sources) if s.n is None else s.n
     for c in range(min(n, s.classes)):
         (out / f"n{c:08d}").mkdir(parents=True, exist_ok=True)
-    jobs = [(i, str(out), [x.path for x in sources], s) for i in range(n)]
+    paths = [x.path for x in sources]
+    jobs = [(i, str(out), paths, s) for i in range(n)]
     rows = []
     workers = max(1, min(workers or os.cpu_count() or 1, n))
     pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
