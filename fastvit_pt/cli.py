@@ -287,7 +287,7 @@ def convert(src, out, max_res, quality, mode, workers, limit, strict):
     settings = ConvertSettings(max_res=max_res, quality=quality, mode=mode, workers=workers, limit=limit, strict=strict)
     bar = None
 
-    def progress(stage, done, total):  # one bar per stage (prepare, then FFCV's write), one after the other
+    def progress(stage, done, total):  # one bar per stage (prepare, then write), one after the other
         nonlocal bar
         if bar is None or bar.desc != stage:
             if bar is not None:
@@ -406,7 +406,8 @@ def bench_e2e_cmd(recipe, overrides, steps, warmup, windows, json_path):
 @bench.command("loader")
 @click.option("--data", "data_path", required=True, type=click.Path(file_okay=False), help="Class-folder tree.")
 @click.option("--beton", type=click.Path(dir_okay=False), default=None, help="The same images as a .beton, for ffcv.")
-@click.option("--backends", default=None, help="Default: torchvision,ffcv,dali with --beton, else torchvision,dali. "
+@click.option("--backends", default=None, help="Default: torchvision,turbo,ffcv,ffcv-stock,dali with --beton, else "
+              "torchvision,turbo,dali. ffcv-stock: FFCV's own decoder (data.ffcv_decoder=stock). "
               "tv-decode: torchvision.io.decode_jpeg on --device (batched nvJPEG on CUDA), crop and flip there too.")
 @click.option("--workers", default=2, show_default=True, help="Decoding workers (processes, FFCV or DALI threads).")
 @click.option("--batch", default=64, show_default=True)
@@ -420,16 +421,17 @@ def bench_loader_cmd(data_path, beton, backends, workers, batch, img_size, epoch
     """Loader-only img/s per backend, the decode-only ceiling, and each backend's ratio to torchvision."""
     from .bench_loader import bench_loader
 
-    backends = backends or ("torchvision,ffcv,dali" if beton else "torchvision,dali")
+    backends = backends or ("torchvision,turbo,ffcv,ffcv-stock,dali" if beton else "torchvision,turbo,dali")
     names = [b.strip() for b in backends.split(",") if b.strip()]
     res = bench_loader(data_path, names, beton, workers, batch, img_size, epochs, device,
                        progress=lambda msg: click.echo(msg, err=True), precision=precision)
     click.echo(f"{res['images']} images in {data_path}, {workers} workers, batch {batch}, {img_size} px, "
                f"{res['precision']} on {res['device']}, median of {epochs} epochs after a warm-up epoch")
-    click.echo(f"{'backend':14s} {'img/s':>9s} {'vs torchvision':>15s}")
+    click.echo(f"{'backend':14s} {'img/s':>9s} {'vs torchvision':>15s} {'vs ffcv-stock':>14s} {'of decode-only':>15s}")
     for name, r in res["backends"].items():
-        ratio = f"{r['ratio_vs_torchvision']:.2f}x" if r["ratio_vs_torchvision"] else "-"
-        click.echo(f"{name:14s} {r['img_per_s']:9.1f} {ratio:>15s}")
+        tv = f"{r['ratio_vs_torchvision']:.2f}x" if r["ratio_vs_torchvision"] else "-"
+        stock = f"{r['ratio_vs_ffcv_stock']:.2f}x" if r["ratio_vs_ffcv_stock"] else "-"
+        click.echo(f"{name:14s} {r['img_per_s']:9.1f} {tv:>15s} {stock:>14s} {r['of_decode_only']:>14.2f}x")
     click.echo(f"{'decode only':14s} {res['decode_only_img_per_s']:9.1f}   (ceiling: decode at stored size, no augmentation)")
     _write_json(res, json_path)
 
