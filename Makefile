@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 FASTVIT := $(VENV)/bin/fastvit
 # the torch build these machines carry locally (a CUDA build that also runs on CPU)
 TORCH := torch==2.14.1 torchvision==0.29.1
-APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config dataset-fashion-mnist
+APT_PACKAGES := libturbojpeg0-dev libjpeg62-turbo-dev libopencv-dev pkg-config dataset-fashion-mnist
 STAMP := $(VENV)/.installed
 DEMO_DATA := data/fmnist
 # DeepSpeed JIT-builds its ops once; keep them across runs
@@ -25,7 +25,7 @@ apt:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(STAMP): setup.py Makefile
+$(STAMP): setup.py Makefile pipelines/_cropdecode.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip wheel setuptools
 	$(PIP) install -q $(TORCH) -e '.[all,dev]'

@@ -1,4 +1,13 @@
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+
+# the crop-decoding JPEG reader (pipelines/_cropdecode.c): plain C over libjpeg-turbo's libjpeg API, loaded
+# with ctypes; needs libjpeg62-turbo-dev (apt). No -march=native: a build may move to another CPU.
+cropdecode = Extension(
+    "pipelines._cropdecode",
+    sources=["pipelines/_cropdecode.c"],
+    libraries=["jpeg"],
+    extra_compile_args=["-O3", "-fno-math-errno", "-Wall", "-Wno-unused-function"],
+)
 
 extras = {
     # GPU-side nvJPEG decoding; the CUDA 13 build also runs its CPU operators without a GPU
@@ -30,6 +39,7 @@ setup(
         "tensorboard",
         "pillow",
     ],
+    ext_modules=[cropdecode],
     extras_require=extras,
     entry_points={"console_scripts": ["fastvit = fastvit_pt.cli:main"]},
 )

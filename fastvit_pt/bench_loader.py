@@ -99,6 +99,13 @@ class DeviceDecodeLoader:
         return F.horizontal_flip(out) if bool(torch.rand(()) < c.hflip) else out
 
 
+# bench-only names for a backend with a non-default setting, benchmarked beside the default in the same run
+VARIANTS = {
+    # FFCV's own RandomResizedCrop decoder (whole image, INTER_AREA whatever it is told): the stock reference
+    "ffcv-stock": {"backend": "ffcv", "ffcv_decoder": "stock", "interpolation": "bilinear"},
+}
+
+
 def epoch_rates(loader, epochs: int, device: Optional[torch.device] = None, count: Callable = len,
                 progress: Optional[Callable[[str], None]] = None, label: str = "loader") -> List[float]:
     """img/s of `epochs` timed epochs of `loader`, after one untimed warm-up epoch (worker start, file cache, DALI
@@ -145,18 +152,18 @@ def bench_loader(
 
     dev = pick_device(device)
     precision = resolve_precision(precision, dev)
-    known = (*pipelines.BACKENDS, DEVICE_DECODE)
+    known = (*pipelines.BACKENDS, *VARIANTS, DEVICE_DECODE)
     unknown = [b for b in backends if b not in known]
     if unknown:
         raise ValueError(f"bench loader: unknown backend {', '.join(unknown)}; expected some of {', '.join(known)}")
     samples, classes = scan_folder(data)
     results: Dict[str, Dict] = {}
     for backend in backends:
-        if backend == "ffcv" and not beton:
-            raise ValueError("bench loader: the ffcv backend needs --beton FILE (made by `fastvit convert`)")
-        # ffcv resizes with INTER_AREA whatever it is told; the others draw bilinear/bicubic per sample
-        cfg = pipelines.PipelineConfig(backend=backend, path=beton if backend == "ffcv" else data, workers=workers,
-                                       interpolation="bilinear" if backend == "ffcv" else "random")
+        # every loader draws bilinear/bicubic per sample (mae-lite), except where a variant says otherwise
+        fields = {"backend": backend, "interpolation": "random", **VARIANTS.get(backend, {})}
+        if fields["backend"] == "ffcv" and not beton:
+            raise ValueError(f"bench loader: {backend} needs --beton FILE (made by `fastvit convert`)")
+        cfg = pipelines.PipelineConfig(path=beton if fields["backend"] == "ffcv" else data, workers=workers, **fields)
         if backend == DEVICE_DECODE:
             loader = DeviceDecodeLoader(samples, cfg, img_size, batch, dev, DTYPES[precision])
         else:
@@ -171,8 +178,11 @@ def bench_loader(
     decode_only(paths, workers)  # warm the page cache like the loaders' warm-up epochs
     ceiling = round(statistics.median(decode_only(paths, workers) for _ in range(epochs)), 1)
     ref = results.get("torchvision", {}).get("img_per_s")
+    stock = results.get("ffcv-stock", {}).get("img_per_s")
     for r in results.values():
         r["ratio_vs_torchvision"] = round(r["img_per_s"] / ref, 2) if ref else None
+        r["ratio_vs_ffcv_stock"] = round(r["img_per_s"] / stock, 2) if stock else None
+        r["of_decode_only"] = round(r["img_per_s"] / ceiling, 2)
     return {
         "backends": results,
         "decode_only_img_per_s": ceiling,

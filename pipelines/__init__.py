@@ -68,4 +68,10 @@ def build_loader(
                 f"data.backend=dali needs NVIDIA DALI ({err}); install it with: pip install 'fastvit_pt[dali]'"
             ) from err
         return DaliLoader(cfg, args)
+    if cfg.backend == "turbo":
+        try:
+            from .turbo_loader import TurboLoader
+        except ImportError as err:
+            raise ImportError(f"data.backend=turbo needs the crop decoder: {err}") from err
+        return TurboLoader(cfg, args)
     raise AssertionError(f"unreachable: PipelineConfig.validate() accepted backend {cfg.backend!r}")

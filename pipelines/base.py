@@ -34,26 +34,76 @@ class Batch:
 
 
 class DeviceNormalize:
-    """uint8 [N, C, H, W] on the host -> normalised Batch on the device."""
+    """uint8 images on the host -> normalised Batch on the device.
+
+    images are [N, C, H, W], or [N, H, W, C] with nhwc=True: a decoder writes pixels channels-last, and the
+    transpose happens inside the normalisation's single pass (on the device), never as a host-side copy.
+    borrowed=True: the host buffers belong to the backend, which refills them as soon as this returns (FFCV's
+    ring of batch slots). On CUDA the copy then runs on a side stream and the host waits for that copy (not for
+    the queued compute) before returning, so a refill can never race a copy still in flight; the compute
+    stream waits on the copy stream instead of the host."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], device, dtype: torch.dtype = torch.float32):
         self.device = torch.device(device)
         self.dtype = dtype
         self.mean = torch.tensor([m * 255.0 for m in mean], device=self.device).view(1, -1, 1, 1)
         self.inv_std = torch.tensor([1.0 / (s * 255.0) for s in std], device=self.device).view(1, -1, 1, 1)
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, keys: Optional[torch.Tensor] = None) -> Batch:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, keys: Optional[torch.Tensor] = None, *,
+                 nhwc: bool = False, borrowed: bool = False, normalized: bool = False) -> Batch:
+        if normalized:  # a decoder already wrote [N, C, H, W] in the compute dtype on the host (`host_output`)
+            if self.copy_stream is not None or images.dtype != self.dtype:
+                raise TypeError(f"normalised host batches are for a CPU device in {self.dtype}, got {images.dtype} "
+                                f"for {self.device}")
+            return Batch(images.clone() if borrowed else images, labels.to(torch.int64, copy=True),
+                         None if keys is None else keys.to(torch.int64, copy=True))
         if images.dtype != torch.uint8:
             raise TypeError(f"a pipeline must hand uint8 images to DeviceNormalize, got {images.dtype}")
-        non_blocking = self.device.type == "cuda"
-        x = images.to(self.device, non_blocking=non_blocking)
-        # normalise in fp32, then cast: bf16 has too few mantissa bits for (x - mean) on 0..255 values
-        x = ((x.float() - self.mean) * self.inv_std).to(self.dtype)
-        # copy=True: a backend may hand out views of buffers it reuses for later batches (FFCV does), and
-        # on the CPU an int64 .to() would alias them; a Batch owns its memory
-        y = labels.to(self.device, dtype=torch.int64, non_blocking=non_blocking, copy=True)
-        k = None if keys is None else keys.to(self.device, dtype=torch.int64, non_blocking=non_blocking, copy=True)
-        return Batch(x, y, k)
+        if self.copy_stream is None:
+            # copy=True: on the CPU an int64 .to() would alias a buffer the backend reuses; a Batch owns its memory
+            x = images
+            y = labels.to(self.device, dtype=torch.int64, copy=True)
+            k = None if keys is None else keys.to(self.device, dtype=torch.int64, copy=True)
+        else:
+            compute = torch.cuda.current_stream(self.device)
+            self.copy_stream.wait_stream(compute)  # device memory freed by compute may be reused for the copy
+            with torch.cuda.stream(self.copy_stream):
+                x = images.to(self.device, non_blocking=True)
+                y = labels.to(self.device, dtype=torch.int64, non_blocking=True, copy=True)
+                k = None if keys is None else keys.to(self.device, dtype=torch.int64, non_blocking=True, copy=True)
+            copied = torch.cuda.Event()
+            copied.record(self.copy_stream)
+            compute.wait_event(copied)
+            for t in (x, y, k):
+                if t is not None:
+                    t.record_stream(compute)  # allocated on the copy stream, used on the compute stream
+            if borrowed:
+                copied.synchronize()  # the slot is free once the bytes are on the device
+        if nhwc:
+            x = x.permute(0, 3, 1, 2)
+        # one fp32 buffer, contiguous NCHW, written by the uint8 -> fp32 copy (the transpose rides along) and then
+        # normalised in place: bf16 has too few mantissa bits for (x - mean) on 0..255 values
+        out = torch.empty(x.shape, dtype=torch.float32, device=self.device)
+        out.copy_(x)
+        out.sub_(self.mean).mul_(self.inv_std)
+        return Batch(out if self.dtype == torch.float32 else out.to(self.dtype), y, k)
+
+
+def host_output(device: torch.device, dtype: torch.dtype) -> str:
+    """What a decoder that can normalise should write (cropdecode.OUT_KINDS): uint8 channels-last when the batch
+    goes to an accelerator (4x fewer bytes over the bus than fp32, normalised there), or, when the device is the
+    host itself, the compute dtype already normalised [N, C, H, W]: done in the decoding threads, sample by
+    sample, instead of three passes over the whole batch in the training process."""
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        return "float32" if dtype == torch.float32 else "bfloat16"
+    return "uint8"
+
+
+def pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t in page-locked memory when it will be copied to a GPU (a non_blocking copy from pageable memory
+    stalls the host); unchanged otherwise. Backends pin each epoch's keys once, not per batch."""
+    return t.pin_memory() if device.type == "cuda" else t
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
-BACKENDS = ("torchvision", "ffcv", "dali")
+BACKENDS = ("torchvision", "ffcv", "dali", "turbo")
+FFCV_DECODERS = ("crop", "stock")
 INTERPOLATIONS = ("bilinear", "bicubic", "random")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -19,7 +20,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass
 class PipelineConfig:
     backend: str = "torchvision"
-    """torchvision (PIL in DataLoader workers, the reference), ffcv (.beton files) or dali (nvJPEG on a GPU)."""
+    """torchvision (PIL in DataLoader workers, the reference), ffcv (.beton files), dali (nvJPEG on a GPU), or turbo
+    (class-folder JPEGs through the crop-decoder in threads: the fast path without a .beton)."""
     path: str = ""
     """Training data: a class-folder tree (ROOT/<class>/<image>), or for ffcv a .beton (`fastvit convert`)."""
     workers: int = 8
@@ -46,12 +48,19 @@ class PipelineConfig:
     """Batches each worker prepares ahead (torchvision) or the pipeline queue depth (dali)."""
     ffcv_os_cache: bool = True
     """ffcv: read the .beton through the OS page cache (best when it fits in RAM) instead of FFCV's own cache."""
+    ffcv_decoder: str = "crop"
+    """ffcv: crop (decode only the crop box, seeded per sample, data.interpolation honoured) or stock (FFCV's own
+    RandomResizedCrop decoder: whole image, always INTER_AREA, unseeded; the benchmark reference)."""
     dali_hw_decoder_load: float = 0.65
     """dali on a GPU: share of JPEG decoding sent to the hardware decoder (A100/H100), the rest to CUDA nvJPEG."""
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"data.backend: unknown backend {self.backend!r}; expected one of {', '.join(BACKENDS)}")
+        if self.ffcv_decoder not in FFCV_DECODERS:
+            raise ValueError(
+                f"data.ffcv_decoder: unknown decoder {self.ffcv_decoder!r}; expected one of {', '.join(FFCV_DECODERS)}"
+            )
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"data.interpolation: unknown filter {self.interpolation!r}; expected one of {', '.join(INTERPOLATIONS)}"

@@ -4,10 +4,19 @@
 Order: FFCV's RANDOM order shards through torch's DistributedSampler, which pads the last shard with
 repeated samples; instead this loader puts `shard_indices` in its place: the same disjoint, equal,
 per-epoch-reshuffled shards as every other backend (and QUASI_RANDOM, which has no distributed support,
-is not used). Augmentation: FFCV's RandomResizedCrop decoder samples scale and ratio like torchvision but
-always resizes with cv2.INTER_AREA, so data.interpolation has no effect here; its random draws come from
-numba's per-thread generators, which FFCV does not seed, so augmentations are not reproducible run to run
-(the data order is).
+is not used).
+
+Decoding (data.ffcv_decoder):
+  crop   `CropDecode`, an FFCV operation calling the crop-decoder (cropdecode.py) from numba in FFCV's
+         threads: only the RandomResizedCrop box is decoded, resampled bilinear/bicubic per
+         data.interpolation and flipped straight into the sample's slot; box, filter and flip come from the
+         sample's key, so runs resume bit-exactly and the turbo backend gives a sample the same crop.
+         A corrupt JPEG raises DecodeError naming the sample.
+  stock  FFCV's RandomResizedCropRGBImageDecoder: decodes the whole image, always cv2.INTER_AREA (so
+         data.interpolation has no effect), draws from numba's unseeded per-thread generators (augmentations
+         are not reproducible run to run; the data order is), and decodes a corrupt JPEG to whatever
+         libjpeg-turbo left in the buffer without a word. Kept as the reference for benchmarks.
+Either way the pixels stay channels-last on the host and are transposed on the device.
 """
 from __future__ import annotations
 
@@ -17,10 +26,15 @@ import warnings
 from pathlib import Path
 from typing import Iterator, List
 
+from dataclasses import replace
+
 import numba
+import numpy as np
 import torch
 
-from .base import Batch, DeviceNormalize, Loader, LoaderArgs, sample_seeds, shard_indices, torch_threads_kept
+from . import cropdecode
+from .base import (Batch, DecodeError, DeviceNormalize, Loader, LoaderArgs, host_output, pinned, sample_seeds,
+                   shard_indices, torch_threads_kept)
 from .beton import manifest_path
 from .config import PipelineConfig
 
@@ -29,9 +43,12 @@ with torch_threads_kept():  # importing ffcv sets torch's thread count to 1
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader as FFCVLoader
     from ffcv.loader import OrderOption
+    from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.pipeline.operation import Operation
     from ffcv.traversal_order.base import TraversalOrder
-    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor
 
 
 def _numba_threads_only(cls, n: int) -> None:
@@ -43,6 +60,52 @@ def _numba_threads_only(cls, n: int) -> None:
 
 
 Compiler.set_num_threads = classmethod(_numba_threads_only)
+
+
+class CropDecode(Operation):
+    """FFCV decoder operation for an RGBImageField: the crop-decoder in place of FFCV's RandomResizedCrop
+    (train) or CenterCrop (eval) decoders. Writes [H, W, 3] uint8 per sample; JPEG and raw samples alike.
+
+    FFCV gives an operation the batch's sample indices but not the epoch, and its batch thread cannot raise
+    (an exception there leaves the consumer waiting forever). So the epoch is read through a one-element
+    array the loader sets before each epoch, and a failure stores the sample index into another one, which
+    the loader checks after every batch."""
+
+    def __init__(self, size, aug: cropdecode.CropAug, train: bool, seed: int, out: str = "uint8",
+                 mean=(0.0,) * 3, std=(1.0 / 255.0,) * 3):
+        super().__init__()
+        self.size, self.aug, self.train, self.seed = (int(size[0]), int(size[1])), aug, train, seed
+        self.out_kind = cropdecode.OUT_KINDS[out]
+        self.aug_array = aug.as_array(mean, std)
+        self.epoch = np.zeros(1, dtype=np.int64)
+        self.error_index = np.full(1, -1, dtype=np.int64)
+
+    def declare_state_and_memory(self, previous_state):
+        if self.out_kind == 0:
+            shape, dtype = (*self.size, 3), np.dtype("<u1")
+        else:  # normalised [3, H, W]; bf16 travels as int16 bits (numpy has no bfloat16) and is viewed as such
+            shape, dtype = (3, *self.size), np.dtype("<f4" if self.out_kind == 1 else "<i2")
+        return replace(previous_state, jit_mode=True, shape=shape, dtype=dtype), AllocationQuery(shape, dtype)
+
+    def generate_code(self):
+        mem_read, my_range, sample = self.memory_read, Compiler.get_iterator(), cropdecode.SAMPLE
+        # plain integers, frozen into the compiled code; the arrays they point to live as long as this op
+        seed, train, filter_mode, out_kind = self.seed, int(self.train), self.aug.filter_mode, self.out_kind
+        epoch_at, error_at, aug_at = self.epoch.ctypes.data, self.error_index.ctypes.data, self.aug_array.ctypes.data
+        out_h, out_w = self.size
+
+        def decode(batch_indices, destination, metadata, storage_state):
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                data = mem_read(field["data_ptr"], storage_state)
+                sample(data.ctypes.data, data.size, field["mode"], field["height"], field["width"], seed, epoch_at,
+                       source_ix, train, aug_at, filter_mode, out_kind, destination[dst_ix].ctypes.data, out_h, out_w,
+                       error_at)
+            return destination[: len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
 
 
 class _ShardOrder(TraversalOrder):
@@ -65,16 +128,25 @@ class FfcvLoader(Loader):
         if a.train and cfg.randaugment:
             raise ValueError(f"data.randaugment={cfg.randaugment!r}: FFCV has no RandAugment; use data.backend=torchvision "
                              "or dali for fine-tuning with it")
-        if a.train and cfg.interpolation != "bilinear":
-            warnings.warn(f"data.interpolation={cfg.interpolation} has no effect on the ffcv backend: FFCV's "
-                          "RandomResizedCrop decoder always resizes with cv2.INTER_AREA", stacklevel=3)
-        if a.train:
+        self.crop_op, self.out = None, "uint8"
+        if cfg.ffcv_decoder == "crop":
+            aug = cropdecode.CropAug(tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.hflip, cfg.interpolation)
+            self.out = host_output(a.device, a.dtype)
+            self.crop_op = CropDecode((a.img_size, a.img_size), aug, a.train, a.seed, self.out, cfg.mean, cfg.std)
+            # a PipelineSpec: FFCV takes a list's first operation as the decoder only if it subclasses the field's
+            # default decoder class (SimpleRGBImageDecoder), which CropDecode has no reason to
+            image_ops = PipelineSpec("image", decoder=self.crop_op, transforms=[ToTensor()])
+        elif a.train:
+            if cfg.interpolation != "bilinear":
+                warnings.warn(f"data.interpolation={cfg.interpolation} has no effect with data.ffcv_decoder=stock: "
+                              "FFCV's RandomResizedCrop decoder always resizes with cv2.INTER_AREA", stacklevel=3)
             decoder = RandomResizedCropRGBImageDecoder((a.img_size, a.img_size), scale=tuple(cfg.crop_scale),
                                                        ratio=tuple(cfg.crop_ratio))
-            image_ops: List = [decoder, RandomHorizontalFlip(cfg.hflip)]
+            image_ops = [decoder, RandomHorizontalFlip(cfg.hflip)]
         else:
-            image_ops = [CenterCropRGBImageDecoder((a.img_size, a.img_size), ratio=0.875)]
-        image_ops += [ToTensor(), ToTorchImage(channels_last=False)]
+            image_ops = [CenterCropRGBImageDecoder((a.img_size, a.img_size), ratio=cropdecode.EVAL_CROP_RATIO)]
+        if not isinstance(image_ops, PipelineSpec):
+            image_ops += [ToTensor()]  # [N, H, W, 3] uint8 either way: DeviceNormalize transposes on the device
         self.loader = FFCVLoader(
             str(path),
             batch_size=a.batch_size,
@@ -93,7 +165,7 @@ class FfcvLoader(Loader):
         self.num_samples = int(self.loader.reader.num_samples)
         self.classes = _classes(path)
         self.to_device = DeviceNormalize(cfg.mean, cfg.std, a.device, a.dtype)
-        self.seed, self.epoch = a.seed, 0
+        self.seed, self.epoch, self.path = a.seed, 0, path
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -108,10 +180,37 @@ class FfcvLoader(Loader):
         # FFCV counts epochs itself (+1 per iteration started); set_epoch decides here, as in every backend
         self.loader.next_epoch = self.epoch
         # SEQUENTIAL over our order: batch b holds the samples order[bB:(b+1)B], whatever the worker count
-        keys = sample_seeds(self.seed, self.epoch, self.epoch_indices())
+        order = self.epoch_indices()
+        keys = pinned(sample_seeds(self.seed, self.epoch, order), self.to_device.device)
+        if self.crop_op is not None:
+            self.crop_op.epoch[0] = self.epoch
+            self.crop_op.error_index[0] = -1
         B = self.loader.batch_size
         for b, (images, labels) in enumerate(self.loader):
-            yield self.to_device(images, labels, keys[b * B : b * B + images.shape[0]])
+            if self.crop_op is not None and self.crop_op.error_index[0] >= 0:
+                raise self._decode_error(int(self.crop_op.error_index[0]))
+            k = keys[b * B : b * B + images.shape[0]]
+            if self.out == "bfloat16":
+                images = images.view(torch.bfloat16)
+            yield self.to_device(images, labels, k, nhwc=True, borrowed=True, normalized=self.out != "uint8")
+
+    def _decode_error(self, index: int) -> DecodeError:
+        """Why sample `index` did not decode, from its bytes in the file (libjpeg's own message)."""
+        reader = self.loader.reader
+        names = list(reader.field_names)
+        field = reader.metadata[f"f{names.index('image')}"][index]
+        reason = "decoding failed"
+        if field["mode"] == 0:  # jpg: read its bytes back through the allocation table (file offset, size)
+            table = reader.alloc_table
+            row = table[(table["sample_id"] == index) & (table["ptr"] == field["data_ptr"])]
+            if len(row):
+                data = np.fromfile(reader._fname, dtype=np.uint8, count=int(row["size"][0]), offset=int(row["ptr"][0]))
+                reason = cropdecode.why_not_decodable(data) or reason
+        label = ""
+        if "label" in names and self.classes:
+            value = int(reader.metadata[f"f{names.index('label')}"][index])
+            label = f" (class {self.classes[value]})"
+        return DecodeError(f"cannot decode image: sample {index}{label} of {self.path}: {reason}")
 
 
 def _classes(path: Path) -> List[str]:

@@ -32,9 +32,14 @@ def test_short_run_lowers_the_loss(fmnist_small, tmp_path):
     assert set(ckpt["engine"]) >= {"model", "optimizer", "scaler", "global_step"}
 
 
-@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+@pytest.mark.parametrize("backend", ["torchvision", "dali", "turbo", "ffcv"])
 def test_resume_is_exact(fmnist_small, tmp_path, backend, capsys):
     data = fmnist_small / "train"
+    if backend == "ffcv":  # through FFCV with the crop decoder: every augmentation is a function of the sample key
+        from pipelines.beton import ConvertSettings, convert
+
+        data = tmp_path / "train.beton"
+        convert(fmnist_small / "train", data, ConvertSettings(mode="raw", workers=2, strict=True))
     full = tmp_path / "full"
     be = {"data.backend": backend, "data.workers": 0 if backend == "torchvision" else 2}
     train(load_config(None, tiny_mae_overrides(data, full, **be)))

@@ -32,6 +32,18 @@ def coord_tree(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def coord_jpeg_tree(coord_tree):
+    """The coordinate image as a quality-100 JPEG (4:4:4), for the turbo backend's crop decoder: the JPEG path,
+    not PIL's fallback for PNGs."""
+    root = coord_tree.parent / "coords_jpeg"
+    (root / "c").mkdir(parents=True, exist_ok=True)
+    Image.open(coord_tree / "c" / "0000.png").save(root / "c" / "0000.jpg", quality=100, subsampling=0)
+    for i in range(1, N_COPIES):
+        (root / "c" / f"{i:04d}.jpg").symlink_to(root / "c" / "0000.jpg")
+    return root
+
+
 def spec_samples(n, rng):
     """torchvision's RandomResizedCrop.get_params for a W x H image: (area fraction, aspect w/h)."""
     out = []
@@ -58,8 +70,10 @@ def measured_samples(root, backend, scale=SCALE):
         path = root.parent / "coords.beton"
         if not path.exists():
             convert(root, path, ConvertSettings(mode="raw", workers=2))
+    if backend == "turbo":
+        path = root.parent / "coords_jpeg"
     cfg = PipelineConfig(backend=backend, path=str(path), workers=0 if backend == "torchvision" else 2,
-                         interpolation="bilinear" if backend == "ffcv" else "random",
+                         interpolation="random",
                          crop_scale=scale, crop_ratio=RATIO, mean=(0, 0, 0), std=(1, 1, 1))
     loader = build_loader(cfg, img_size=OUT, batch_size=N_COPIES, seed=7, device="cpu")
     crops, flips = [], []
@@ -86,8 +100,8 @@ def ks_distance(a, b):
     return np.abs(ca - cb).max()
 
 
-@pytest.mark.parametrize("backend", ["torchvision", "ffcv", "dali"])
-def test_crop_area_aspect_and_flip_follow_the_spec(coord_tree, backend):
+@pytest.mark.parametrize("backend", ["torchvision", "ffcv", "dali", "turbo"])
+def test_crop_area_aspect_and_flip_follow_the_spec(coord_tree, coord_jpeg_tree, backend):
     crops, flips = measured_samples(coord_tree, backend)
     n = len(crops)
     assert n == N_COPIES * EPOCHS
@@ -102,9 +116,10 @@ def test_crop_area_aspect_and_flip_follow_the_spec(coord_tree, backend):
     assert abs(rate - 0.5) < 4 * math.sqrt(0.25 / n), f"{backend}: flip rate {rate:.3f}"
 
 
-def test_the_statistic_can_fail(coord_tree):
+@pytest.mark.parametrize("backend", ["dali", "turbo"])
+def test_the_statistic_can_fail(coord_tree, coord_jpeg_tree, backend):
     """A real loader cropping at scale (0.5, 1) instead of the spec's (0.08, 1) is caught (KS ~0.6 here)."""
-    crops, _ = measured_samples(coord_tree, "dali", scale=(0.5, 1.0))
+    crops, _ = measured_samples(coord_tree, backend, scale=(0.5, 1.0))
     spec = spec_samples(20_000, np.random.default_rng(0))
     crit = 1.95 * math.sqrt((len(crops) + len(spec)) / (len(crops) * len(spec)))
     assert ks_distance(crops[:, 0], spec[:, 0]) > crit

@@ -8,7 +8,7 @@ import torch
 from pipelines import PipelineConfig, build_loader
 from pipelines.base import Batch, DecodeError, sample_seed, sample_seeds, shard_indices
 
-BACKENDS = ["torchvision", "ffcv", "dali"]
+BACKENDS = ["torchvision", "ffcv", "dali", "turbo"]
 _BETONS = {}
 
 
@@ -86,9 +86,7 @@ def test_stream_is_a_function_of_seed_and_epoch(photo_tree, backend):
         loader.set_epoch(3)
     assert a.epoch_indices() == b.epoch_indices()
     for x, y in zip(a, b):
-        assert torch.equal(x.labels, y.labels)
-        if backend != "ffcv":  # FFCV draws augmentations from numba's unseeded per-thread generators
-            assert torch.equal(x.images, y.images)
+        assert torch.equal(x.labels, y.labels) and torch.equal(x.images, y.images)
     a.set_epoch(4)
     assert a.epoch_indices() != b.epoch_indices()
     assert not torch.equal(next(iter(a)).images, next(iter(b)).images)
@@ -123,7 +121,7 @@ def test_ranks_read_disjoint_equal_shards(photo_tree, backend):
     assert [len(list(l)) for l in loaders] == [len(loaders[0])] * 2 == [(loaders[0].num_samples // 2) // 4] * 2
 
 
-@pytest.mark.parametrize("backend", ["torchvision", "dali"])  # ffcv reads converted files: see test_beton.py
+@pytest.mark.parametrize("backend", ["torchvision", "dali", "turbo"])  # ffcv: see the .beton test below
 def test_corrupt_image_names_the_file(photo_tree, tmp_path, backend):
     root = tmp_path / "tree"
     shutil.copytree(photo_tree, root, symlinks=True)
@@ -135,6 +133,65 @@ def test_corrupt_image_names_the_file(photo_tree, tmp_path, backend):
     loader = _loader(root, backend, batch_size=64, drop_last=False)
     with pytest.raises(DecodeError, match=r"cannot decode image .*broken\.jpg"):
         list(loader)
+
+
+def test_corrupt_jpeg_inside_a_beton_names_the_sample(photo_tree, tmp_path):
+    """The converter checks every JPEG it keeps; damage after conversion (a bad disk, a bad copy) must still be an
+    error naming the sample, never a grey or black image (FFCV's own decoder ignores libjpeg's errors)."""
+    from ffcv.reader import Reader
+
+    beton = tmp_path / "data.beton"
+    shutil.copy(_source(photo_tree, "ffcv"), beton)
+    shutil.copy(str(_source(photo_tree, "ffcv")) + ".json", str(beton) + ".json")
+    reader = Reader(str(beton))
+    victim = 5
+    ptr = int(reader.metadata["f0"][victim]["data_ptr"])
+    size = int(reader.alloc_table[reader.alloc_table["ptr"] == ptr]["size"][0])
+    with open(beton, "r+b") as f:  # an end-of-image marker half way through the entropy-coded data
+        f.seek(ptr + size // 2)
+        f.write(b"\xff\xd9" + bytes(size // 2 - 2))
+    label = int(reader.metadata["f1"][victim])
+    cfg = PipelineConfig(backend="ffcv", path=str(beton), workers=2)
+    loader = build_loader(cfg, img_size=64, batch_size=64, drop_last=False, seed=1)
+    with pytest.raises(DecodeError, match=rf"cannot decode image: sample {victim} \(class n0000000{label}\) of "
+                                          rf".*data\.beton: .*(Premature end|Corrupt)"):
+        list(loader)
+
+
+def test_stock_ffcv_decoder_still_serves_batches(photo_tree):
+    """data.ffcv_decoder=stock (FFCV's own decoder, the benchmark reference) keeps the Batch contract."""
+    loader = build_loader(PipelineConfig(backend="ffcv", path=str(_source(photo_tree, "ffcv")), workers=2,
+                                         ffcv_decoder="stock", interpolation="bilinear"),
+                          img_size=64, batch_size=8, seed=1)
+    b = next(iter(loader))
+    assert b.images.shape == (8, 3, 64, 64) and b.images.is_contiguous() and b.keys is not None
+    with pytest.raises(ValueError, match="data.ffcv_decoder: unknown decoder 'fast'"):
+        PipelineConfig(backend="ffcv", ffcv_decoder="fast").validate()
+
+
+def test_a_sample_gets_the_same_crop_on_turbo_and_ffcv(photo_tree):
+    """Box, filter and flip come from the sample's key in the same C code; the .beton kept the JPEGs' bytes."""
+    kw = dict(img_size=64, batch_size=8, seed=4, dtype=torch.float32)
+    a = build_loader(PipelineConfig(backend="turbo", path=str(photo_tree), workers=2), **kw)
+    b = build_loader(PipelineConfig(backend="ffcv", path=str(_source(photo_tree, "ffcv")), workers=2), **kw)
+    for loader in (a, b):
+        loader.set_epoch(2)
+    for x, y in zip(a, b):
+        assert torch.equal(x.keys, y.keys) and torch.equal(x.images, y.images)
+
+
+def test_turbo_reads_what_is_not_a_plain_jpeg(photo_tree, tmp_path):
+    """A PNG and a CMYK JPEG in the tree (ImageNet has both) go through PIL, then the same crop code."""
+    from PIL import Image
+
+    root = tmp_path / "tree"
+    shutil.copytree(photo_tree, root, symlinks=True)
+    src = Image.open(next(photo_tree.rglob("*.JPEG"))).convert("RGB")
+    src.save(root / "n00000000" / "zz_png.png")
+    src.convert("CMYK").save(root / "n00000000" / "zz_cmyk.jpg", quality=95)
+    loader = _loader(root, "turbo", batch_size=64, drop_last=False, shuffle=False)
+    images = torch.cat([b.images for b in loader])
+    assert images.shape[0] == loader.num_samples and torch.isfinite(images).all()
 
 
 def test_in_process_loading_leaves_the_global_rng_alone(photo_tree):

@@ -1,0 +1,144 @@
+"""turbo backend: a class-folder tree of JPEGs through the crop-decoder (cropdecode.py), for users without a
+.beton: every file is read and only its RandomResizedCrop box decoded (libjpeg-turbo), resampled
+bilinear/bicubic per data.interpolation and flipped straight into the sample's slot of the batch, by
+data.workers threads (the C code runs without the GIL). Box, filter and flip come from the sample's key, so a
+sample gets the same crop here as through the ffcv backend's crop decoder, and a resumed run the same batches.
+
+Batches are prepared data.prefetch_factor ahead. On a CPU device the threads write the batch already
+normalised in the compute dtype; on a GPU they write uint8 channels-last into pinned host buffers (a ring the
+copy is waited for before reuse) and the device normalises.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+from typing import Iterator, List
+
+import numpy as np
+import torch
+
+from . import cropdecode
+from .base import (Batch, DecodeError, DeviceNormalize, Loader, LoaderArgs, batches_per_epoch, host_output, pinned,
+                   sample_seeds, shard_indices)
+from .config import PipelineConfig
+from .folder import scan_folder
+
+_DTYPES = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class TurboLoader(Loader):
+    def __init__(self, cfg: PipelineConfig, a: LoaderArgs):
+        if cfg.randaugment:
+            raise ValueError(f"data.randaugment={cfg.randaugment!r}: the turbo backend has no RandAugment; use "
+                             "data.backend=torchvision or dali for fine-tuning with it")
+        self.samples, self.classes = scan_folder(cfg.path)
+        self.num_samples = len(self.samples)
+        self.paths = [p for p, _ in self.samples]
+        self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
+        self.aug = cropdecode.CropAug(tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.hflip, cfg.interpolation)
+        self.a, self.workers, self.ahead = a, cfg.workers, max(1, cfg.prefetch_factor)
+        self.out = host_output(a.device, a.dtype)
+        self.args = self.aug.as_array(cfg.mean, cfg.std)
+        self.to_device = DeviceNormalize(cfg.mean, cfg.std, a.device, a.dtype)
+        self.pool = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="turbo") if self.workers > 0 else None
+        self.epoch = 0
+        self._slots: List[torch.Tensor] = []  # pinned uint8 batches for a GPU, reused round-robin
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_indices(self) -> List[int]:
+        return shard_indices(self.num_samples, self.a.rank, self.a.world_size, self.a.seed, self.epoch,
+                             self.a.shuffle).tolist()
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.num_samples, self.a.world_size, self.a.batch_size, self.a.drop_last)
+
+    def _buffer(self, b: int, n: int) -> torch.Tensor:
+        S = self.a.img_size
+        if self.out != "uint8":  # a fresh tensor the Batch owns: nothing to copy afterwards
+            return torch.empty((n, 3, S, S), dtype=_DTYPES[self.out])
+        if self.to_device.copy_stream is None:
+            return torch.empty((n, S, S, 3), dtype=torch.uint8)
+        slots = self.ahead + 1
+        while len(self._slots) < slots:  # pinning is slow: a ring, each slot freed once its copy has landed
+            self._slots.append(pinned(torch.empty((self.a.batch_size, S, S, 3), dtype=torch.uint8), self.a.device))
+        return self._slots[b % slots][:n]
+
+    def _decode(self, idx: List[int], out: torch.Tensor, first: int, last: int) -> None:
+        """Samples first..last-1 of a batch into their slots of out. Runs in a pool thread; raises DecodeError
+        naming the file (re-raised in the training process when the batch is collected)."""
+        S, step = self.a.img_size, out[0].numel() * out.element_size()
+        base, kind = out.data_ptr(), cropdecode.OUT_KINDS[self.out]
+        for j in range(first, last):
+            path = self.paths[idx[j]]
+            try:
+                data = np.fromfile(path, dtype=np.uint8)
+            except OSError as err:
+                raise DecodeError(f"cannot read image {path}: {err.strerror or err}") from err
+            h = w = 0  # a JPEG's size comes from its header, in C
+            source = 0
+            if data[:2].tobytes() != b"\xff\xd8":  # not a JPEG (a PNG in an ImageNet-style tree): PIL decodes it
+                data, source = _decode_with_pil(path), 1
+                h, w = data.shape[:2]
+            rc = cropdecode.SAMPLE(data.ctypes.data, data.size, source, h, w, self.a.seed, self._epoch.ctypes.data,
+                                   idx[j], int(self.a.train), self.args.ctypes.data, self.aug.filter_mode, kind,
+                                   base + j * step, S, S, 0)
+            if rc == cropdecode.ERR_COLOR:  # CMYK / YCCK JPEG: PIL converts it to RGB
+                data = _decode_with_pil(path)
+                rc = cropdecode.SAMPLE(data.ctypes.data, data.size, 1, data.shape[0], data.shape[1], self.a.seed,
+                                       self._epoch.ctypes.data, idx[j], int(self.a.train), self.args.ctypes.data,
+                                       self.aug.filter_mode, kind, base + j * step, S, S, 0)
+            if rc != 0:
+                why = cropdecode.why_not_decodable(data) or f"error {rc}"
+                raise DecodeError(f"cannot decode image {path}: {why}")
+
+    def _submit(self, b: int, order: List[int]):
+        B = self.a.batch_size
+        idx = order[b * B : (b + 1) * B]
+        out = self._buffer(b, len(idx))
+        if self.pool is None:
+            self._decode(idx, out, 0, len(idx))
+            jobs = []
+        else:  # one contiguous share per thread: few Python calls per batch
+            cuts = np.linspace(0, len(idx), self.workers + 1).astype(int)
+            jobs = [self.pool.submit(self._decode, idx, out, int(lo), int(hi)) for lo, hi in zip(cuts[:-1], cuts[1:])
+                    if hi > lo]
+        return b, idx, out, jobs
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = self.epoch_indices()
+        keys = pinned(sample_seeds(self.a.seed, self.epoch, order), self.a.device)
+        self._epoch = np.array([self.epoch], dtype=np.int64)
+        n_batches = len(self)
+        queue = collections.deque(self._submit(b, order) for b in range(min(self.ahead, n_batches)))
+        next_b = len(queue)
+        B = self.a.batch_size
+        try:
+            while queue:
+                b, idx, out, jobs = queue.popleft()
+                for job in jobs:
+                    job.result()  # re-raises a thread's DecodeError here, in the training process
+                if next_b < n_batches:
+                    queue.append(self._submit(next_b, order))
+                    next_b += 1
+                k, labels = keys[b * B : b * B + len(idx)], self.labels[idx]
+                if self.out != "uint8":
+                    yield self.to_device(out, labels, k, normalized=True)
+                else:  # borrowed: the ring slot is refilled ahead once this batch's copy has landed
+                    yield self.to_device(out, labels, k, nhwc=True, borrowed=self.to_device.copy_stream is not None)
+        finally:
+            for *_, jobs in queue:  # an abandoned epoch: let the threads finish with the buffers they write
+                for job in jobs:
+                    job.cancel() or job.exception()
+
+
+def _decode_with_pil(path: str) -> np.ndarray:
+    """Any image PIL reads -> uint8 [H, W, 3], as the torchvision reference reads it (no EXIF rotation)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.ascontiguousarray(np.asarray(im.convert("RGB")))
+    except Exception as err:  # PIL raises many types; the path is what the user needs
+        raise DecodeError(f"cannot decode image {path}: {type(err).__name__}: {err}") from err
