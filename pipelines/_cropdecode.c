@@ -36,6 +36,23 @@
 #include <jerror.h>
 #include <jpeglib.h>
 
+/* Per-thread scratch buffers, grown as needed and kept: a crop's buffers are 100-300 KB, above glibc's mmap
+ * threshold, so malloc/free per sample were an mmap + munmap + page faults each (a quarter of the CPU time). */
+enum { SCRATCH_DECODE, SCRATCH_TMP, SCRATCH_PLANES, SCRATCH_ACC, SCRATCH_PIXELS, SCRATCH_SLOTS };
+static __thread struct {
+    void *p;
+    size_t cap;
+} scratch_pool[SCRATCH_SLOTS];
+
+static void *scratch(int slot, size_t bytes) {
+    if (scratch_pool[slot].cap < bytes) {
+        free(scratch_pool[slot].p);
+        scratch_pool[slot].p = malloc(bytes);
+        scratch_pool[slot].cap = scratch_pool[slot].p ? bytes : 0;
+    }
+    return scratch_pool[slot].p;
+}
+
 /* ------------------------------------------------------------------------------------------ sampling */
 
 static const uint64_t K_SEED = 0x9E3779B97F4A7C15ULL, K_EPOCH = 0xBF58476D1CE4E5B9ULL,
@@ -251,6 +268,21 @@ static void hpass_float(const uint8_t *src, size_t src_stride, int nrows, int ba
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define HAVE_SSE41_PASS 1
+/* RGB -> RGBx (x = 0) for n pixels: 4 pixels per byte shuffle; the last few one by one, so that no byte past
+ * the row's n pixels is read */
+__attribute__((target("sse4.1"))) static inline void widen_rgbx(const uint8_t *s, int n, uint8_t *rgbx) {
+    const __m128i spread = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+    int x = 0;
+    for (; 3 * x + 16 <= 3 * n; x += 4)
+        _mm_storeu_si128((__m128i *)(rgbx + 4 * x), _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(s + 3 * x)), spread));
+    for (; x < n; x++) {
+        rgbx[4 * x] = s[3 * x];
+        rgbx[4 * x + 1] = s[3 * x + 1];
+        rgbx[4 * x + 2] = s[3 * x + 2];
+        rgbx[4 * x + 3] = 0;
+    }
+}
+
 /* The same pass with SSE4.1 (every x86-64 server since 2008), as pillow-simd does it: a row is widened to
  * 4 bytes per pixel (RGBx, zero-padded), and per output pixel two taps at a time are one byte shuffle
  * ([R0 G0 B0 x0 R1 G1 B1 x1] -> [R0 R1 G0 G1 B0 B1 x0 x1]), one widening to int16 and one multiply-add of
@@ -268,13 +300,7 @@ __attribute__((target("sse4.1"))) static void hpass_sse41(const uint8_t *src, si
     const __m128i shuf = _mm_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
     memset(rgbx + (size_t)(hi - lo) * 4, 0, (size_t)(kpad + 4) * 4);
     for (int y = 0; y < nrows; y++) {
-        const uint8_t *s = src + (size_t)y * src_stride + (size_t)(lo - base) * 3;
-        for (int x = 0; x < hi - lo; x++) {
-            rgbx[4 * x] = s[3 * x];
-            rgbx[4 * x + 1] = s[3 * x + 1];
-            rgbx[4 * x + 2] = s[3 * x + 2];
-            rgbx[4 * x + 3] = 0;
-        }
+        widen_rgbx(src + (size_t)y * src_stride + (size_t)(lo - base) * 3, hi - lo, rgbx);
         uint8_t *d = dst + (size_t)y * dst_stride;
         for (int i = 0; i < out_w; i++) {
             const uint8_t *p = rgbx + (size_t)(c->bounds[2 * i] - lo) * 4;
@@ -299,6 +325,61 @@ __attribute__((target("sse4.1"))) static void hpass_sse41(const uint8_t *src, si
         }
     }
 }
+
+/* The SSE4.1 pass with two output pixels per instruction: AVX2's byte shuffle, unpack and multiply-add work
+ * within 128-bit lanes, so pixel i rides in the low lane and pixel i + 1 in the high one (each with its own
+ * weights; the shorter of the two is padded with zero weights). Half the instructions per pixel. */
+__attribute__((target("avx2"))) static void hpass_avx2(const uint8_t *src, size_t src_stride, int nrows, int base,
+                                                       const coeffs_t *c, int out_w, int flip, uint8_t *dst,
+                                                       size_t dst_stride, uint8_t *rgbx) {
+    int lo = c->bounds[0], hi = lo;
+    for (int i = 0; i < out_w; i++) {
+        if (c->bounds[2 * i] < lo) lo = c->bounds[2 * i];
+        if (c->bounds[2 * i] + c->bounds[2 * i + 1] > hi) hi = c->bounds[2 * i] + c->bounds[2 * i + 1];
+    }
+    const int kpad = c->kpad, half = kpad / 2;
+    const __m256i shuf = _mm256_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15, 0, 4, 1, 5, 2, 6, 3,
+                                          7, 8, 12, 9, 13, 10, 14, 11, 15);
+    const __m256i zero = _mm256_setzero_si256();
+    memset(rgbx + (size_t)(hi - lo) * 4, 0, (size_t)(kpad + 4) * 4);
+    for (int y = 0; y < nrows; y++) {
+        widen_rgbx(src + (size_t)y * src_stride + (size_t)(lo - base) * 3, hi - lo, rgbx);
+        uint8_t *d = dst + (size_t)y * dst_stride;
+        for (int i = 0; i < out_w; i += 2) {
+            const int j = i + 1 < out_w ? i + 1 : i; /* an odd width computes its last pixel twice */
+            const uint8_t *pa = rgbx + (size_t)(c->bounds[2 * i] - lo) * 4, *pb = rgbx + (size_t)(c->bounds[2 * j] - lo) * 4;
+            const int32_t *wa = c->kpair + (size_t)i * half, *wb = c->kpair + (size_t)j * half;
+            const int na = c->bounds[2 * i + 1], nb = c->bounds[2 * j + 1];
+            const int n = ((na > nb ? na : nb) + 1) & ~1;
+            __m256i acc = _mm256_set1_epi32(1 << 13);
+            int t = 0;
+            for (; t + 4 <= n; t += 4) {
+                __m256i px = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(pa + 4 * t))),
+                                                     _mm_loadu_si128((const __m128i *)(pb + 4 * t)), 1);
+                px = _mm256_shuffle_epi8(px, shuf);
+                const __m256i w0 = _mm256_setr_epi32(wa[t / 2], wa[t / 2], wa[t / 2], wa[t / 2], wb[t / 2], wb[t / 2],
+                                                     wb[t / 2], wb[t / 2]);
+                const __m256i w1 = _mm256_setr_epi32(wa[t / 2 + 1], wa[t / 2 + 1], wa[t / 2 + 1], wa[t / 2 + 1],
+                                                     wb[t / 2 + 1], wb[t / 2 + 1], wb[t / 2 + 1], wb[t / 2 + 1]);
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_unpacklo_epi8(px, zero), w0));
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_unpackhi_epi8(px, zero), w1));
+            }
+            if (t < n) {
+                __m256i px = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadl_epi64((const __m128i *)(pa + 4 * t))),
+                                                     _mm_loadl_epi64((const __m128i *)(pb + 4 * t)), 1);
+                px = _mm256_shuffle_epi8(px, shuf);
+                const __m256i w0 = _mm256_setr_epi32(wa[t / 2], wa[t / 2], wa[t / 2], wa[t / 2], wb[t / 2], wb[t / 2],
+                                                     wb[t / 2], wb[t / 2]);
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_unpacklo_epi8(px, zero), w0));
+            }
+            acc = _mm256_srai_epi32(acc, 14);
+            acc = _mm256_packus_epi16(_mm256_packs_epi32(acc, acc), acc);
+            const int32_t va = _mm256_cvtsi256_si32(acc), vb = _mm_cvtsi128_si32(_mm256_extracti128_si256(acc, 1));
+            memcpy(d + 3 * (flip ? out_w - 1 - i : i), &va, 3);
+            memcpy(d + 3 * (flip ? out_w - 1 - j : j), &vb, 3);
+        }
+    }
+}
 #endif
 
 /* Vertical pass: out_h rows of len bytes from src rows (index - base); taps outer, bytes inner: a contiguous
@@ -319,11 +400,25 @@ __attribute__((target_clones("avx2", "default"))) static void vpass(const uint8_
     }
 }
 
+/* The horizontal pass's instruction set: 2 AVX2, 1 SSE4.1, 0 portable C; each used only where the CPU has it.
+ * Settable (fv_set_simd) so that tests cover every path on any machine. */
+static int simd_level = 2;
+
+int fv_set_simd(int32_t level) {
+    int previous = simd_level;
+    simd_level = level;
+    return previous;
+}
+
 /* planes: scratch of 3 * (input span + kpad + 4) floats (also holds the SSE4.1 pass's RGBx row) */
 static void hpass(const uint8_t *src, size_t src_stride, int nrows, int base, const coeffs_t *c, int out_w, int flip,
                   uint8_t *dst, size_t dst_stride, float *planes, float *acc) {
 #ifdef HAVE_SSE41_PASS
-    if (__builtin_cpu_supports("sse4.1")) {
+    if (simd_level >= 2 && __builtin_cpu_supports("avx2")) {
+        hpass_avx2(src, src_stride, nrows, base, c, out_w, flip, dst, dst_stride, (uint8_t *)planes);
+        return;
+    }
+    if (simd_level >= 1 && __builtin_cpu_supports("sse4.1")) {
         hpass_sse41(src, src_stride, nrows, base, c, out_w, flip, dst, dst_stride, (uint8_t *)planes);
         return;
     }
@@ -358,16 +453,16 @@ static int resample(const uint8_t *src, size_t src_stride,
     span(&ch, out_w, &xlo, &xhi);
     span(&cv, out_h, &ylo, &yhi);
     const int in_w = xhi - xlo, wide = ((in_w > out_w ? in_w : out_w) + ch.kpad + 4) * 3;
-    planes = (float *)malloc(sizeof(float) * (size_t)wide);
-    acc = (float *)malloc(sizeof(float) * (size_t)wide);
+    planes = (float *)scratch(SCRATCH_PLANES, sizeof(float) * (size_t)wide);
+    acc = (float *)scratch(SCRATCH_ACC, sizeof(float) * (size_t)wide);
     if (!planes || !acc) goto done;
     if (yhi - ylo > out_h) { /* vertical first: out_h rows of the box's columns, then horizontal */
-        tmp = (uint8_t *)malloc((size_t)out_h * in_w * 3);
+        tmp = (uint8_t *)scratch(SCRATCH_TMP, (size_t)out_h * in_w * 3);
         if (!tmp) goto done;
         vpass(src + (size_t)xlo * 3, src_stride, 0, &cv, out_h, in_w * 3, tmp, (size_t)in_w * 3, acc);
         hpass(tmp, (size_t)in_w * 3, out_h, xlo, &ch, out_w, flip, out, (size_t)out_w * 3, planes, acc);
     } else { /* horizontal first over the rows the vertical pass reads, then vertical */
-        tmp = (uint8_t *)malloc((size_t)(yhi - ylo) * out_w * 3);
+        tmp = (uint8_t *)scratch(SCRATCH_TMP, (size_t)(yhi - ylo) * out_w * 3);
         if (!tmp) goto done;
         hpass(src + (size_t)ylo * src_stride, src_stride, yhi - ylo, 0, &ch, out_w, flip, tmp, (size_t)out_w * 3,
               planes, acc);
@@ -375,9 +470,6 @@ static int resample(const uint8_t *src, size_t src_stride,
     }
     rc = 0;
 done:
-    free(acc);
-    free(planes);
-    free(tmp);
     free_coeffs(&ch);
     free_coeffs(&cv);
     return rc;
@@ -444,7 +536,6 @@ int fv_decode_box(const uint8_t *data, int64_t size, const int32_t *params, uint
                   int32_t out_w, int32_t *info, char *msg, int32_t msg_len) {
     struct jpeg_decompress_struct cinfo;
     error_mgr err;
-    uint8_t *volatile buf = NULL;
     cinfo.err = jpeg_std_error(&err.pub);
     err.pub.error_exit = on_error;
     err.pub.emit_message = on_message;
@@ -452,7 +543,6 @@ int fv_decode_box(const uint8_t *data, int64_t size, const int32_t *params, uint
     err.msg_len = msg_len;
     if (setjmp(err.jump)) {
         jpeg_destroy_decompress(&cinfo);
-        free(buf);
         return FV_ERR_JPEG;
     }
     jpeg_create_decompress(&cinfo);
@@ -492,7 +582,7 @@ int fv_decode_box(const uint8_t *data, int64_t size, const int32_t *params, uint
     if (cw < cinfo.output_width) jpeg_crop_scanline(&cinfo, &xoff, &cw);
     const size_t stride = (size_t)cinfo.output_width * 3;
     const int rows = ry1 - ry0;
-    buf = (uint8_t *)malloc(stride * (size_t)rows);
+    uint8_t *buf = (uint8_t *)scratch(SCRATCH_DECODE, stride * (size_t)rows);
     if (!buf) {
         set_msg(msg, msg_len, "out of memory");
         jpeg_destroy_decompress(&cinfo);
@@ -508,7 +598,6 @@ int fv_decode_box(const uint8_t *data, int64_t size, const int32_t *params, uint
     const double off = (double)((int)xoff);
     int rc = resample(buf, stride, x0 - off, y0 - ry0, x1 - off, y1 - ry0, params[4], params[5], out,
                       out_h, out_w);
-    free(buf);
     if (info) {
         info[0] = denom;
         info[1] = rows;
@@ -534,23 +623,25 @@ int fv_resample_box(const uint8_t *pixels, int32_t height, int32_t width, const 
 
 /* uint8 [h][w][3] -> normalised [3][h][w] in fp32 (out_kind 1) or bf16 (2): (x - mean) * inv_std in fp32, the
  * arithmetic DeviceNormalize does, then round-to-nearest-even to bf16 as torch's .to(bfloat16). */
-static void normalize_chw(const uint8_t *src, int h, int w, const double *norm, int out_kind, void *out) {
-    const float m[3] = {(float)norm[0], (float)norm[1], (float)norm[2]};
-    const float inv[3] = {(float)norm[3], (float)norm[4], (float)norm[5]};
+__attribute__((target_clones("avx2", "default"))) static void normalize_chw(const uint8_t *restrict src, int h,
+                                                                            int w, const double *norm, int out_kind,
+                                                                            void *out) {
     const size_t plane = (size_t)h * w;
-    if (out_kind == 1) {
-        float *o = (float *)out;
-        for (size_t p = 0; p < plane; p++)
-            for (int c = 0; c < 3; c++) o[c * plane + p] = ((float)src[3 * p + c] - m[c]) * inv[c];
-    } else {
-        uint16_t *o = (uint16_t *)out;
-        for (size_t p = 0; p < plane; p++)
-            for (int c = 0; c < 3; c++) {
-                float v = ((float)src[3 * p + c] - m[c]) * inv[c];
+    for (int c = 0; c < 3; c++) { /* plane by plane: a stride-3 gather the compiler vectorises with shuffles */
+        const float m = (float)norm[c], inv = (float)norm[3 + c];
+        const uint8_t *restrict s = src + c;
+        if (out_kind == 1) {
+            float *restrict o = (float *)out + c * plane;
+            for (size_t p = 0; p < plane; p++) o[p] = ((float)s[3 * p] - m) * inv;
+        } else {
+            uint16_t *restrict o = (uint16_t *)out + c * plane;
+            for (size_t p = 0; p < plane; p++) {
+                float v = ((float)s[3 * p] - m) * inv;
                 uint32_t u;
                 memcpy(&u, &v, 4);
-                o[c * plane + p] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+                o[p] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
             }
+        }
     }
 }
 
@@ -582,13 +673,12 @@ int fv_sample(const uint8_t *data, int64_t size, int32_t kind, int32_t height, i
         fv_center_params(height, width, aug[5], params);
     }
     const size_t n = (size_t)out_h * out_w * 3;
-    uint8_t *pixels = out_kind == 0 ? (uint8_t *)out : (uint8_t *)malloc(n);
+    uint8_t *pixels = out_kind == 0 ? (uint8_t *)out : (uint8_t *)scratch(SCRATCH_PIXELS, n);
     int rc = FV_ERR_MEMORY;
     if (pixels)
         rc = kind == 0 ? fv_decode_box(data, size, params, pixels, out_h, out_w, NULL, NULL, 0)
                        : fv_resample_box(data, height, width, params, pixels, out_h, out_w);
     if (rc == FV_OK && out_kind != 0) normalize_chw(pixels, out_h, out_w, aug + 6, out_kind, out);
-    if (pixels && pixels != out) free(pixels);
     if (rc != FV_OK) {
         if (error_index) {
             int64_t none = -1;

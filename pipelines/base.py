@@ -9,6 +9,8 @@ and normalise on the device.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence
 
@@ -84,7 +86,8 @@ class DeviceNormalize:
             x = x.permute(0, 3, 1, 2)
         # one fp32 buffer, contiguous NCHW, written by the uint8 -> fp32 copy (the transpose rides along) and then
         # normalised in place: bf16 has too few mantissa bits for (x - mean) on 0..255 values
-        out = torch.empty(x.shape, dtype=torch.float32, device=self.device)
+        out = fresh_host_batch(x.shape, torch.float32) if self.copy_stream is None else torch.empty(
+            x.shape, dtype=torch.float32, device=self.device)
         out.copy_(x)
         out.sub_(self.mean).mul_(self.inv_std)
         return Batch(out if self.dtype == torch.float32 else out.to(self.dtype), y, k)
@@ -98,6 +101,32 @@ def host_output(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         return "float32" if dtype == torch.float32 else "bfloat16"
     return "uint8"
+
+
+# A batch that stays on the host is fresh memory every time (38 MB for 64 fp32 images at 224 px): first touched
+# 4 KB page by 4 KB page, its page faults cost ~15 ms a batch here; asked for 2 MB pages (transparent huge
+# pages, "madvise" mode on most distributions) ~6 ms. Linux only; elsewhere nothing is asked.
+_MADV_HUGEPAGE, _HUGE = 14, 1 << 21
+MADVISE = None
+if sys.platform.startswith("linux"):
+    MADVISE = ctypes.CDLL(None, use_errno=True).madvise
+    MADVISE.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]  # integers: callable from numba too
+    MADVISE.restype = ctypes.c_int
+
+
+def advise_hugepages(ptr: int, nbytes: int) -> None:
+    """Ask for huge pages over the 2 MB-aligned part of [ptr, ptr + nbytes), before it is first written."""
+    start = (ptr + _HUGE - 1) & ~(_HUGE - 1)
+    length = (ptr + nbytes - start) & ~(_HUGE - 1)
+    if MADVISE is not None and length > 0:
+        MADVISE(start, length, _MADV_HUGEPAGE)
+
+
+def fresh_host_batch(shape, dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty on the host, huge pages requested before anything touches it (see advise_hugepages)."""
+    t = torch.empty(shape, dtype=dtype)
+    advise_hugepages(t.data_ptr(), t.numel() * t.element_size())
+    return t
 
 
 def pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -11,6 +11,7 @@ the Python twin of the C sampler, used by tests and by anything that wants the b
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import math
@@ -52,7 +53,8 @@ def _load() -> ctypes.CDLL:
                                   ctypes.c_char_p, ctypes.c_int32]
     lib.fv_resample_box.argtypes = [u8p, ctypes.c_int32, ctypes.c_int32, i32p, u8p, ctypes.c_int32, ctypes.c_int32]
     lib.fv_sample.argtypes = _SAMPLE_ARGS
-    for name in ("fv_jpeg_size", "fv_decode_box", "fv_resample_box", "fv_sample"):
+    lib.fv_set_simd.argtypes = [ctypes.c_int32]
+    for name in ("fv_jpeg_size", "fv_decode_box", "fv_resample_box", "fv_sample", "fv_set_simd"):
         getattr(lib, name).restype = ctypes.c_int32
     return lib
 
@@ -160,6 +162,19 @@ def center_params(height: int, width: int, ratio: float = EVAL_CROP_RATIO) -> Tu
 
 
 # -------------------------------------------------------------------------------------------- decoding
+
+SIMD_LEVELS = {"avx2": 2, "sse4.1": 1, "c": 0}
+
+
+@contextlib.contextmanager
+def simd(level: str):
+    """Run the resampler's horizontal pass with at most this instruction set (tests cover each path)."""
+    previous = LIB.fv_set_simd(SIMD_LEVELS[level])
+    try:
+        yield
+    finally:
+        LIB.fv_set_simd(previous)
+
 
 _MSG = 256
 

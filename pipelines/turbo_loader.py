@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from . import cropdecode
-from .base import (Batch, DecodeError, DeviceNormalize, Loader, LoaderArgs, batches_per_epoch, host_output, pinned,
-                   sample_seeds, shard_indices)
+from .base import (Batch, DecodeError, DeviceNormalize, Loader, LoaderArgs, batches_per_epoch, fresh_host_batch,
+                   host_output, pinned, sample_seeds, shard_indices)
 from .config import PipelineConfig
 from .folder import scan_folder
 
@@ -57,7 +57,7 @@ class TurboLoader(Loader):
     def _buffer(self, b: int, n: int) -> torch.Tensor:
         S = self.a.img_size
         if self.out != "uint8":  # a fresh tensor the Batch owns: nothing to copy afterwards
-            return torch.empty((n, 3, S, S), dtype=_DTYPES[self.out])
+            return fresh_host_batch((n, 3, S, S), _DTYPES[self.out])
         if self.to_device.copy_stream is None:
             return torch.empty((n, S, S, 3), dtype=torch.uint8)
         slots = self.ahead + 1
