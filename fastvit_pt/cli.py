@@ -436,6 +436,40 @@ def bench_loader_cmd(data_path, beton, backends, workers, batch, img_size, epoch
     _write_json(res, json_path)
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": True})
+@click.argument("recipe", type=click.Path())
+@click.argument("overrides", nargs=-1)
+@click.option("--budget-s", default=300.0, show_default=True, help="Seconds of measurement in all.")
+@click.option("--ranks-per-node", default=1, show_default=True,
+              help="Tune for one of N ranks on this node: pinned to its 1/N share of the cores.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Default: RECIPE.tuned.yaml beside it.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
+def tune(recipe, overrides, budget_s, ranks_per_node, out, json_path):
+    """Measure RECIPE's input pipeline over its knobs (workers, batches ahead, the backend's own) and write
+    RECIPE.tuned.yaml: `base:` RECIPE plus the fastest values, with the measured table in its comments."""
+    from .engine.metrics import Progress
+    from .tune import tune as run_tune
+
+    bar = None
+
+    def progress(done, total, msg):
+        nonlocal bar
+        if bar is None:
+            bar = Progress(True, total, "tune", unit="setting", interval=0.0)
+        bar.update(done - bar.n, postfix={"last": msg})
+
+    res = run_tune(recipe, overrides, budget_s, ranks_per_node, out, progress)
+    if bar is not None:
+        bar.close()
+    click.echo(f"{'knob':28s} {'value':>8s} {'img/s':>9s}")
+    for r in res["table"]:
+        click.echo(f"data.{r['knob']:23s} {str(r['value']):>8s} {r['img_per_s']:9.1f}")
+    chosen = " ".join(f"{k}={v}" for k, v in res["chosen"].items())
+    click.echo(f"chosen: {chosen}: {res['img_per_s']:.0f} img/s (the recipe as written: {res['recipe_img_per_s']:.0f}); "
+               f"wrote {res['tuned']}")
+    _write_json(res, json_path)
+
+
 def _eval_options(f):
     """CHECKPOINT, KEY=VALUE overrides, --train, --test, --recipe, --json: what knn and linprobe share."""
     for deco in reversed([
