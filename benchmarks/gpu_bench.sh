@@ -5,8 +5,9 @@
 #   e2e_*      bench e2e recipes/mae_tiny_400ep.yaml on a 12,800-photo class-folder tree: loader, model and end to
 #              end img/s with the torchvision loader (12 workers); deepspeed, dali and ffcv variants when they import
 #   loader     bench loader: tv-decode (torchvision.io.decode_jpeg batched on the GPU, i.e. nvJPEG, then
-#              RandomResizedCrop + flip on the GPU into a normalised bf16 batch) beside the torchvision reference
-#              loader (PIL in 12 workers) and PIL decode-only, all in one run
+#              RandomResizedCrop + flip on the GPU into a normalised bf16 batch) and turbo (the crop decoder in 12
+#              threads, uint8 to the GPU; built first where gcc and libjpeg's headers exist) beside the torchvision
+#              reference loader (PIL in 12 workers) and PIL decode-only, all in one run
 #   teacher    bench model --teacher vit_base_patch16: what D-MAE's and D2-MAE's frozen ViT-Base costs
 #   ablation   bench model --ablate: SDPA, fused AdamW, bf16, torch.compile each alone, then all (~2 compiles)
 # Each step runs under its own timeout and the overall --budget, writes OUT/<step>.json the moment it ends, and
@@ -69,7 +70,7 @@ selected() { [ -z "$only" ] || [[ ",$only," == *",$1,"* ]]; }  # selected STEP: 
 step() {
   local name=$1 limit=$2; shift 2
   case $name in
-    env|wheels|data|beton) ;;
+    env|wheels|data|beton|cropdecode) ;;
     *) selected "${name%_torch_only}" || return 0 ;;
   esac
   local left=$(( deadline - $(date +%s) ))
@@ -213,7 +214,20 @@ fi
 step e2e_torchvision 240 "${FV[@]}" bench e2e recipes/mae_tiny_400ep.yaml "${e2e[@]}" data.backend=torchvision \
   --json "$out_dir/e2e_torchvision.json"
 
-step loader 240 "${FV[@]}" bench loader --data "$data" --backends torchvision,tv-decode --workers "$workers" \
+# the crop decoder (pipelines/_cropdecode.c) for the turbo backend: built in place where this machine has a C
+# compiler and libjpeg-turbo's headers (nvcc's host gcc; the headers may be missing: then the loader step goes on
+# without turbo)
+loader_backends=torchvision,tv-decode
+if selected loader; then
+  if "$PY" -c 'import pipelines.cropdecode' > /dev/null 2>&1; then
+    loader_backends+=,turbo
+  elif [ -f /usr/include/jpeglib.h ] && command -v gcc > /dev/null; then
+    step cropdecode 120 "$PY" setup.py -q build_ext --inplace && loader_backends+=,turbo
+  else
+    skip cropdecode "no gcc or no /usr/include/jpeglib.h (libjpeg62-turbo-dev) here: no turbo backend"
+  fi
+fi
+step loader 240 "${FV[@]}" bench loader --data "$data" --backends "$loader_backends" --workers "$workers" \
   "${loader[@]}" --device "$device" --precision bf16 --json "$out_dir/loader.json"
 
 step teacher 240 "${FV[@]}" bench model "${size[@]}" "${timed[@]}" --device "$device" --precision bf16 --attn sdpa \

@@ -51,7 +51,7 @@ def test_dry_run_runs_every_step_and_writes_plausible_json(tmp_path):
     assert all(row["img_per_s"] > 0 for row in model["runs"])
 
     loader = json.loads((out / "loader.json").read_text())
-    assert set(loader["backends"]) == {"torchvision", "tv-decode"} and loader["precision"] == "bf16"
+    assert set(loader["backends"]) == {"torchvision", "tv-decode", "turbo"} and loader["precision"] == "bf16"
     assert all(b["img_per_s"] > 0 for b in loader["backends"].values()) and loader["decode_only_img_per_s"] > 0
     assert "decode_jpeg" in loader["backends"]["tv-decode"]["measures"] and loader["images"] == 64
 
