@@ -282,3 +282,26 @@ def test_randaugment_at_magnitude_10_survives_posterize_to_zero_bits():
         torch.manual_seed(seed)
         random.seed(seed)
         assert t(img).shape == (3, 28, 28)
+
+
+def test_ffcv_ring_slots_go_to_the_device_borrowed_and_channels_last(photo_tree, monkeypatch):
+    """When the batch leaves the host (here: fp16 on the CPU stands in for a GPU's uint8 path), the crop decoder
+    writes uint8 channels-last into FFCV's ring of batch slots: DeviceNormalize gets them as borrowed (on CUDA:
+    the copy is waited for before FFCV may refill the slot) and transposes them itself (no host-side copy)."""
+    from pipelines.base import DeviceNormalize
+
+    calls = []
+    real = DeviceNormalize.__call__
+
+    def spy(self, images, labels, keys=None, **kw):
+        calls.append((images.shape, images.dtype, kw))
+        return real(self, images, labels, keys, **kw)
+
+    monkeypatch.setattr(DeviceNormalize, "__call__", spy)
+    half = next(iter(_loader(photo_tree, "ffcv", dtype=torch.float16)))
+    shape, dtype, kw = calls[-1]
+    assert shape == (8, 64, 64, 3) and dtype == torch.uint8 and kw == {"nhwc": True, "borrowed": True}
+    full = next(iter(_loader(photo_tree, "ffcv", dtype=torch.float32)))  # normalised in the decoder threads
+    assert calls[-1][2] == {"normalized": True}
+    assert half.images.shape == full.images.shape and half.images.is_contiguous()
+    assert torch.allclose(half.images.float(), full.images, atol=2e-3)
