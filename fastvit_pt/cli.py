@@ -465,8 +465,8 @@ def tune(recipe, overrides, budget_s, ranks_per_node, out, json_path):
     for r in res["table"]:
         click.echo(f"data.{r['knob']:23s} {str(r['value']):>8s} {r['img_per_s']:9.1f}")
     chosen = " ".join(f"{k}={v}" for k, v in res["chosen"].items())
-    click.echo(f"chosen: {chosen}: {res['img_per_s']:.0f} img/s (the recipe as written: {res['recipe_img_per_s']:.0f}); "
-               f"wrote {res['tuned']}")
+    before = f"{res['recipe_img_per_s']:.0f}" if res["recipe_img_per_s"] else "not measured: its data.workers is not a candidate here"
+    click.echo(f"chosen: {chosen}: {res['img_per_s']:.0f} img/s (the recipe as written: {before}); wrote {res['tuned']}")
     _write_json(res, json_path)
 
 

@@ -21,7 +21,9 @@ WARMUP_BATCHES = 3
 
 
 def _candidates(backend: str, cores: int, gpu: bool, current) -> List[Tuple[str, list]]:
-    workers = sorted({w for w in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if w <= 2 * cores} | {current.workers})
+    # ffcv decodes in numba threads, at most one per core; the others may oversubscribe (I/O, the GIL's gaps)
+    most = cores if backend == "ffcv" else 2 * cores
+    workers = sorted({w for w in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, current.workers) if w <= most} or {1})
     knobs = [("workers", workers), ("prefetch_factor", sorted({1, 2, 4, current.prefetch_factor}))]
     if backend == "ffcv":
         knobs.append(("ffcv_os_cache", [True, False]))
@@ -103,7 +105,8 @@ def tune(recipe: str, overrides: Sequence[str] = (), budget_s: float = 300.0, ra
         best[name] = next(v for v in values if rates[v] >= 0.97 * top)
     chosen = dict(best)
     final = round(rates[best[knobs[-1][0]]], 1)  # the last knob's trials ran with every other knob at its best
-    start = next(r["img_per_s"] for r in table if r["knob"] == knobs[0][0] and r["value"] == cfg.data.workers)
+    # the recipe as written, where its workers were a candidate (ffcv caps them at the core count)
+    start = next((r["img_per_s"] for r in table if r["knob"] == "workers" and r["value"] == cfg.data.workers), None)
     path = Path(out) if out else Path(recipe).with_suffix(".tuned.yaml")
     _write_recipe(path, Path(recipe), overrides, chosen, table, cores, device, precision, budget_s)
     return {"recipe": str(recipe), "tuned": str(path), "chosen": {f"data.{k}": v for k, v in chosen.items()},

@@ -161,7 +161,7 @@ class FfcvLoader(Loader):
         self.loader = FFCVLoader(
             str(path),
             batch_size=a.batch_size,
-            num_workers=max(1, cfg.workers),
+            num_workers=_threads(cfg.workers),
             os_cache=cfg.ffcv_os_cache,
             order=OrderOption.SEQUENTIAL,
             seed=a.seed,
@@ -225,6 +225,16 @@ class FfcvLoader(Loader):
             value = int(reader.metadata[f"f{names.index('label')}"][index])
             label = f" (class {self.classes[value]})"
         return DecodeError(f"cannot decode image: sample {index}{label} of {self.path}: {reason}")
+
+
+def _threads(workers: int) -> int:
+    """FFCV's decoding threads are numba's, which cannot outnumber NUMBA_NUM_THREADS (the core count unless set):
+    more would fail with numba's "number of threads must be between 1 and N"."""
+    most = numba.config.NUMBA_NUM_THREADS
+    if workers > most:
+        warnings.warn(f"data.workers={workers}: the ffcv backend decodes in numba threads, at most {most} here "
+                      f"(NUMBA_NUM_THREADS); using {most}", stacklevel=4)
+    return max(1, min(workers, most))
 
 
 def _classes(path: Path) -> List[str]:
