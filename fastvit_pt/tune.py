@@ -69,11 +69,16 @@ def tune(recipe: str, overrides: Sequence[str] = (), budget_s: float = 300.0, ra
 
     cfg = load_config(recipe, list(overrides))
     cfg.check_paths()
-    cores = os.cpu_count() or 1
+    # the cores this process may use (a job scheduler's share, not the machine's count)
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = len(allowed)
     if ranks_per_node > 1 and hasattr(os, "sched_setaffinity"):
-        share = sorted(os.sched_getaffinity(0))[: max(1, cores // ranks_per_node)]
+        import torch
+
+        share = allowed[: max(1, cores // ranks_per_node)]
         os.sched_setaffinity(0, share)
         cores = len(share)
+        torch.set_num_threads(cores)
     device = pick_device(cfg.engine.device)
     precision = resolve_precision(cfg.engine.precision, device)
     knobs = _candidates(cfg.data.backend, cores, device.type == "cuda", cfg.data)

@@ -8,8 +8,11 @@
  *   - when the box is at least 2, 4 or 8 times larger than the output on both axes, libjpeg-turbo's scaled
  *     IDCT decodes at 1/2, 1/4 or 1/8 (a good low-pass filter in itself);
  *   - the resample is Pillow's separable convolution (bilinear = triangle, bicubic a = -0.5; support widened by
- *     the downscale factor, i.e. antialiased), horizontal pass first into a small uint8 row buffer, as PIL
- *     does, then vertical; the horizontal flip is folded into the output column order (no extra pass).
+ *     the downscale factor, i.e. antialiased) through a uint8 intermediate as Pillow's, the shrinking pass
+ *     first; the horizontal pass in 14-bit fixed point with SSE4.1 / AVX2 (pillow-simd's scheme) where the CPU
+ *     has them, the vertical one vectorised by the compiler; the flip is folded into the output column order;
+ *   - when the batch stays on the host, the pixels are normalised ((x - mean) / std, fp32 or bf16, planar) in
+ *     the same call, so the training process never makes a pass over the batch.
  * The crop box semantics are torchvision's RandomResizedCrop on a PIL image: crop the integer box, then
  * resize it (pixels outside the box never contribute).
  *
@@ -27,6 +30,7 @@
 #include <Python.h>
 
 #include <math.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -44,8 +48,25 @@ static __thread struct {
     size_t cap;
 } scratch_pool[SCRATCH_SLOTS];
 
+/* freed when its thread exits (a loader's pool threads end with the loader): a pthread key's destructor */
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_release(void *unused) {
+    (void)unused;
+    for (int i = 0; i < SCRATCH_SLOTS; i++) {
+        free(scratch_pool[i].p);
+        scratch_pool[i].p = NULL;
+        scratch_pool[i].cap = 0;
+    }
+}
+
+static void scratch_key_create(void) { pthread_key_create(&scratch_key, scratch_release); }
+
 static void *scratch(int slot, size_t bytes) {
     if (scratch_pool[slot].cap < bytes) {
+        pthread_once(&scratch_once, scratch_key_create);
+        pthread_setspecific(scratch_key, (void *)1); /* any non-NULL value: the destructor runs at exit */
         free(scratch_pool[slot].p);
         scratch_pool[slot].p = malloc(bytes);
         scratch_pool[slot].cap = scratch_pool[slot].p ? bytes : 0;
@@ -233,12 +254,12 @@ static void hpass_float(const uint8_t *src, size_t src_stride, int nrows, int ba
         if (c->index[e] < lo) lo = c->index[e];
         if (c->index[e] + 1 > hi) hi = c->index[e] + 1;
     }
-    const int in_w = hi - base;
+    const int in_w = hi - lo; /* the planes hold the span the taps read, [lo, hi), nothing before it */
     float *restrict R = planes, *restrict G = planes + in_w, *restrict B = planes + 2 * in_w;
     float *restrict aR = acc, *restrict aG = acc + out_w, *restrict aB = acc + 2 * out_w;
     for (int y = 0; y < nrows; y++) {
-        const uint8_t *s = src + (size_t)y * src_stride;
-        for (int x = lo - base; x < in_w; x++) {
+        const uint8_t *s = src + (size_t)y * src_stride + (size_t)(lo - base) * 3;
+        for (int x = 0; x < in_w; x++) {
             R[x] = s[3 * x];
             G[x] = s[3 * x + 1];
             B[x] = s[3 * x + 2];
@@ -248,7 +269,7 @@ static void hpass_float(const uint8_t *src, size_t src_stride, int nrows, int ba
             const float *restrict w = c->kt + (size_t)t * out_w;
             const int32_t *restrict ix = c->indext + (size_t)t * out_w;
             for (int i = 0; i < out_w; i++) {
-                const int j = ix[i] - base;
+                const int j = ix[i] - lo;
                 aR[i] += R[j] * w[i];
                 aG[i] += G[j] * w[i];
                 aB[i] += B[j] * w[i];
@@ -492,11 +513,14 @@ static void on_error(j_common_ptr cinfo) {
     longjmp(e->jump, 1);
 }
 
-/* libjpeg reports truncated or damaged entropy data as a warning and pads with grey; here it is an error */
+/* libjpeg reports truncated or damaged data as a warning and fills what it could not decode with grey; here
+ * every warning is an error except the notices about headers that decode correctly (extra bytes between
+ * markers, a newer JFIF version, an unknown Adobe transform, a bad ICC chunk), which Pillow passes too */
 static void on_message(j_common_ptr cinfo, int level) {
     if (level < 0) {
         int code = cinfo->err->msg_code;
-        if (code == JWRN_JPEG_EOF || code == JWRN_HIT_MARKER || code == JWRN_MUST_RESYNC || code == JWRN_HUFF_BAD_CODE)
+        if (code != JWRN_EXTRANEOUS_DATA && code != JWRN_JFIF_MAJOR && code != JWRN_ADOBE_XFORM &&
+            code != JWRN_BOGUS_ICC)
             on_error(cinfo);
         cinfo->err->num_warnings++;
     }
@@ -508,8 +532,10 @@ static void set_msg(char *msg, int msg_len, const char *text) {
     if (msg && msg_len > 0) snprintf(msg, (size_t)msg_len, "%s", text);
 }
 
-/* Header only: width and height. Returns 0 or an error code (message in msg). */
-int fv_jpeg_size(const uint8_t *data, int64_t size, int32_t *wh, char *msg, int32_t msg_len) {
+/* Decode box params = (top, left, h, w, filter, flip) of a JPEG, resample it to [out_h][out_w][3] at out; or,
+ * with params NULL, read the header alone and return its width and height in wh. */
+static int decode_jpeg(const uint8_t *data, int64_t size, const int32_t *params, uint8_t *out, int32_t out_h,
+                       int32_t out_w, int32_t *info, int32_t *wh, char *msg, int32_t msg_len) {
     struct jpeg_decompress_struct cinfo;
     error_mgr err;
     cinfo.err = jpeg_std_error(&err.pub);
@@ -524,30 +550,12 @@ int fv_jpeg_size(const uint8_t *data, int64_t size, int32_t *wh, char *msg, int3
     jpeg_create_decompress(&cinfo);
     jpeg_mem_src(&cinfo, data, (unsigned long)size);
     jpeg_read_header(&cinfo, TRUE);
-    wh[0] = (int32_t)cinfo.image_width;
-    wh[1] = (int32_t)cinfo.image_height;
-    jpeg_destroy_decompress(&cinfo);
-    return FV_OK;
-}
-
-/* Decode box (top, left, h, w) of a JPEG, resample it to [out_h][out_w][3] at out.
- * info (optional, 2 int32): the DCT scale denominator used (1, 2, 4 or 8), the decoded rows. */
-int fv_decode_box(const uint8_t *data, int64_t size, const int32_t *params, uint8_t *out, int32_t out_h,
-                  int32_t out_w, int32_t *info, char *msg, int32_t msg_len) {
-    struct jpeg_decompress_struct cinfo;
-    error_mgr err;
-    cinfo.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = on_error;
-    err.pub.emit_message = on_message;
-    err.msg = msg;
-    err.msg_len = msg_len;
-    if (setjmp(err.jump)) {
+    if (!params) {
+        wh[0] = (int32_t)cinfo.image_width;
+        wh[1] = (int32_t)cinfo.image_height;
         jpeg_destroy_decompress(&cinfo);
-        return FV_ERR_JPEG;
+        return FV_OK;
     }
-    jpeg_create_decompress(&cinfo);
-    jpeg_mem_src(&cinfo, data, (unsigned long)size);
-    jpeg_read_header(&cinfo, TRUE);
     if (cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK) {
         set_msg(msg, msg_len, "CMYK/YCCK JPEG: convert it to RGB first (fastvit convert does)");
         jpeg_destroy_decompress(&cinfo);
@@ -569,7 +577,9 @@ int fv_decode_box(const uint8_t *data, int64_t size, const int32_t *params, uint
     cinfo.dct_method = JDCT_ISLOW; /* Pillow's and FFCV's default: same pixels as the reference path */
     jpeg_start_decompress(&cinfo);
     /* the box in scaled output coordinates (fractional), and the whole pixels covering it */
-    const double sx = (double)cinfo.output_width / W, sy = (double)cinfo.output_height / H;
+    /* scaled pixel k covers source pixels [k * denom, (k + 1) * denom): exactly 1 / denom (the scaled size is
+     * rounded up, so output_width / W would stretch the box by up to half a scaled pixel) */
+    const double sx = 1.0 / denom, sy = 1.0 / denom;
     double x0 = left * sx, x1 = (left + bw) * sx, y0 = top * sy, y1 = (top + bh) * sy;
     int cx0 = (int)floor(x0), cx1 = (int)ceil(x1), ry0 = (int)floor(y0), ry1 = (int)ceil(y1);
     if (cx1 > (int)cinfo.output_width) cx1 = (int)cinfo.output_width;
@@ -607,6 +617,18 @@ int fv_decode_box(const uint8_t *data, int64_t size, const int32_t *params, uint
         return FV_ERR_MEMORY;
     }
     return FV_OK;
+}
+
+/* Header only: width and height. Returns 0 or an error code (message in msg). */
+int fv_jpeg_size(const uint8_t *data, int64_t size, int32_t *wh, char *msg, int32_t msg_len) {
+    return decode_jpeg(data, size, NULL, NULL, 0, 0, NULL, wh, msg, msg_len);
+}
+
+/* Decode box (top, left, h, w) of a JPEG, resample it to [out_h][out_w][3] at out.
+ * info (optional, 2 int32): the DCT scale denominator used (1, 2, 4 or 8), the decoded rows. */
+int fv_decode_box(const uint8_t *data, int64_t size, const int32_t *params, uint8_t *out, int32_t out_h,
+                  int32_t out_w, int32_t *info, char *msg, int32_t msg_len) {
+    return decode_jpeg(data, size, params, out, out_h, out_w, info, NULL, msg, msg_len);
 }
 
 /* Raw RGB pixels [height][width][3] (FFCV's raw mode): the same box + resample, nothing to decode. */
@@ -674,10 +696,15 @@ int fv_sample(const uint8_t *data, int64_t size, int32_t kind, int32_t height, i
     }
     const size_t n = (size_t)out_h * out_w * 3;
     uint8_t *pixels = out_kind == 0 ? (uint8_t *)out : (uint8_t *)scratch(SCRATCH_PIXELS, n);
-    int rc = FV_ERR_MEMORY;
-    if (pixels)
-        rc = kind == 0 ? fv_decode_box(data, size, params, pixels, out_h, out_w, NULL, NULL, 0)
-                       : fv_resample_box(data, height, width, params, pixels, out_h, out_w);
+    int rc;
+    if (!pixels)
+        rc = FV_ERR_MEMORY;
+    else if (kind == 0)
+        rc = fv_decode_box(data, size, params, pixels, out_h, out_w, NULL, NULL, 0);
+    else if (size < (int64_t)height * width * 3) /* the file's metadata and its payload disagree */
+        rc = FV_ERR_ARG;
+    else
+        rc = fv_resample_box(data, height, width, params, pixels, out_h, out_w);
     if (rc == FV_OK && out_kind != 0) normalize_chw(pixels, out_h, out_w, aug + 6, out_kind, out);
     if (rc != FV_OK) {
         if (error_index) {

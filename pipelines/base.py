@@ -68,13 +68,14 @@ class DeviceNormalize:
             y = labels.to(self.device, dtype=torch.int64, copy=True)
             k = None if keys is None else keys.to(self.device, dtype=torch.int64, copy=True)
         else:
+            # not behind the queued compute: the copy stream starts at once (the caching allocator keeps a pool per
+            # stream, so blocks compute freed are not handed to the copy; record_stream below guards the reverse)
             compute = torch.cuda.current_stream(self.device)
-            self.copy_stream.wait_stream(compute)  # device memory freed by compute may be reused for the copy
             with torch.cuda.stream(self.copy_stream):
                 x = images.to(self.device, non_blocking=True)
                 y = labels.to(self.device, dtype=torch.int64, non_blocking=True, copy=True)
                 k = None if keys is None else keys.to(self.device, dtype=torch.int64, non_blocking=True, copy=True)
-            copied = torch.cuda.Event()
+            copied = torch.cuda.Event(blocking=True)  # synchronize() sleeps instead of spinning a decoding core
             copied.record(self.copy_stream)
             compute.wait_event(copied)
             for t in (x, y, k):

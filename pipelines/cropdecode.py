@@ -112,7 +112,6 @@ def rrc_params(key: int, height: int, width: int, aug: CropAug) -> Tuple[int, in
     """(top, left, h, w, filter 0 bilinear / 1 bicubic, flip) for one sample: the Python twin of the C
     sampler (same splitmix64 stream, same draw order), following torchvision's RandomResizedCrop.get_params."""
     st = key & _M64
-    draws = []
 
     def u() -> float:
         nonlocal st
@@ -131,19 +130,15 @@ def rrc_params(key: int, height: int, width: int, aug: CropAug) -> Tuple[int, in
         w = int(round(math.sqrt(target * aspect)))  # round half to even, like C's nearbyint
         h = int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            draws.append((int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w))
-            break
-    if draws:
-        top, left, h, w = draws[0]
+            return int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w, filt, flip
+    in_ratio = width / height  # torchvision's fallback: the whole image clamped to the ratio range, centred
+    if in_ratio < aug.ratio[0]:
+        w, h = width, int(round(width / aug.ratio[0]))
+    elif in_ratio > aug.ratio[1]:
+        h, w = height, int(round(height * aug.ratio[1]))
     else:
-        in_ratio = width / height
-        if in_ratio < aug.ratio[0]:
-            w, h = width, int(round(width / aug.ratio[0]))
-        elif in_ratio > aug.ratio[1]:
-            h, w = height, int(round(height * aug.ratio[1]))
-        else:
-            w, h = width, height
-        top, left = (height - h) // 2, (width - w) // 2
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
     return top, left, h, w, filt, flip
 
 

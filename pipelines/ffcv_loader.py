@@ -32,7 +32,6 @@ import numba
 import numpy as np
 import torch
 
-from . import cropdecode
 from .base import (Batch, DecodeError, DeviceNormalize, Loader, LoaderArgs, advise_hugepages, host_output, pinned,
                    sample_seeds, shard_indices, torch_threads_kept)
 from .beton import manifest_path
@@ -71,8 +70,9 @@ class CropDecode(Operation):
     array the loader sets before each epoch, and a failure stores the sample index into another one, which
     the loader checks after every batch."""
 
-    def __init__(self, size, aug: cropdecode.CropAug, train: bool, seed: int, out: str = "uint8",
-                 mean=(0.0,) * 3, std=(1.0 / 255.0,) * 3):
+    def __init__(self, size, aug, train: bool, seed: int, out: str = "uint8", mean=(0.0,) * 3, std=(1.0 / 255.0,) * 3):
+        from . import cropdecode  # the C library: only where the crop decoder is asked for
+
         super().__init__()
         self.size, self.aug, self.train, self.seed = (int(size[0]), int(size[1])), aug, train, seed
         self.out_kind = cropdecode.OUT_KINDS[out]
@@ -91,6 +91,8 @@ class CropDecode(Operation):
         return replace(previous_state, jit_mode=True, shape=shape, dtype=dtype), None
 
     def generate_code(self):
+        from . import cropdecode
+
         mem_read, my_range, sample = self.memory_read, Compiler.get_iterator(), cropdecode.SAMPLE
         hugepages = Compiler.compile(advise_hugepages)
         # plain integers, frozen into the compiled code; the arrays they point to live as long as this op
@@ -141,6 +143,11 @@ class FfcvLoader(Loader):
                              "or dali for fine-tuning with it")
         self.crop_op, self.out = None, "uint8"
         if cfg.ffcv_decoder == "crop":
+            try:
+                from . import cropdecode
+            except ImportError as err:
+                raise ImportError(f"data.ffcv_decoder=crop: {err}; or use data.ffcv_decoder=stock (FFCV's own "
+                                  "decoder)") from err
             aug = cropdecode.CropAug(tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.hflip, cfg.interpolation)
             self.out = host_output(a.device, a.dtype)
             self.crop_op = CropDecode((a.img_size, a.img_size), aug, a.train, a.seed, self.out, cfg.mean, cfg.std)
@@ -155,7 +162,7 @@ class FfcvLoader(Loader):
                                                        ratio=tuple(cfg.crop_ratio))
             image_ops = [decoder, RandomHorizontalFlip(cfg.hflip)]
         else:
-            image_ops = [CenterCropRGBImageDecoder((a.img_size, a.img_size), ratio=cropdecode.EVAL_CROP_RATIO)]
+            image_ops = [CenterCropRGBImageDecoder((a.img_size, a.img_size), ratio=0.875)]  # cropdecode's EVAL_CROP_RATIO
         if not isinstance(image_ops, PipelineSpec):
             image_ops += [ToTensor()]  # [N, H, W, 3] uint8 either way: DeviceNormalize transposes on the device
         self.loader = FFCVLoader(
@@ -197,7 +204,15 @@ class FfcvLoader(Loader):
             self.crop_op.epoch[0] = self.epoch
             self.crop_op.error_index[0] = -1
         B = self.loader.batch_size
-        for b, (images, labels) in enumerate(self.loader):
+        epoch = iter(self.loader)
+        try:
+            yield from self._batches(epoch, keys, B)
+        finally:  # an abandoned epoch (a benchmark, `fastvit tune`, an error): stop FFCV's thread decoding ahead
+            if epoch.is_alive():  # (a finished epoch closed itself; FFCV's close is not idempotent)
+                epoch.close()
+
+    def _batches(self, epoch, keys, B) -> Iterator[Batch]:
+        for b, (images, labels) in enumerate(epoch):
             if self.crop_op is not None and self.crop_op.error_index[0] >= 0:
                 raise self._decode_error(int(self.crop_op.error_index[0]))
             k = keys[b * B : b * B + images.shape[0]]
@@ -219,6 +234,8 @@ class FfcvLoader(Loader):
             row = table[(table["sample_id"] == index) & (table["ptr"] == field["data_ptr"])]
             if len(row):
                 data = np.fromfile(reader._fname, dtype=np.uint8, count=int(row["size"][0]), offset=int(row["ptr"][0]))
+                from . import cropdecode
+
                 reason = cropdecode.why_not_decodable(data) or reason
         label = ""
         if "label" in names and self.classes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import weakref
 from typing import Iterator, List
 
 import numpy as np
@@ -43,6 +44,7 @@ class TurboLoader(Loader):
         self.pool = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="turbo") if self.workers > 0 else None
         self.epoch = 0
         self._slots: List[torch.Tensor] = []  # pinned uint8 batches for a GPU, reused round-robin
+        self._running = None  # weakref to the epoch generator now reading
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -107,6 +109,14 @@ class TurboLoader(Loader):
         return b, idx, out, jobs
 
     def __iter__(self) -> Iterator[Batch]:
+        running = self._running and self._running()
+        if running is not None:
+            running.close()  # one epoch at a time: they share the ring of pinned slots and the epoch number
+        epoch = self._epoch_batches()
+        self._running = weakref.ref(epoch)
+        return epoch
+
+    def _epoch_batches(self) -> Iterator[Batch]:
         order = self.epoch_indices()
         keys = pinned(sample_seeds(self.a.seed, self.epoch, order), self.a.device)
         self._epoch = np.array([self.epoch], dtype=np.int64)
@@ -116,9 +126,10 @@ class TurboLoader(Loader):
         B = self.a.batch_size
         try:
             while queue:
-                b, idx, out, jobs = queue.popleft()
+                b, idx, out, jobs = queue[0]
                 for job in jobs:
                     job.result()  # re-raises a thread's DecodeError here, in the training process
+                queue.popleft()
                 if next_b < n_batches:
                     queue.append(self._submit(next_b, order))
                     next_b += 1
@@ -127,8 +138,8 @@ class TurboLoader(Loader):
                     yield self.to_device(out, labels, k, normalized=True)
                 else:  # borrowed: the ring slot is refilled ahead once this batch's copy has landed
                     yield self.to_device(out, labels, k, nhwc=True, borrowed=self.to_device.copy_stream is not None)
-        finally:
-            for *_, jobs in queue:  # an abandoned epoch: let the threads finish with the buffers they write
+        finally:  # abandoned or failed: wait for the threads still writing into this epoch's buffers
+            for *_, jobs in queue:
                 for job in jobs:
                     job.cancel() or job.exception()
 

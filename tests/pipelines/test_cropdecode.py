@@ -119,3 +119,24 @@ def test_normalising_in_the_decoder_equals_device_normalize(jpegs, dtype):
             assert rc == 0
         ref = DeviceNormalize(mean, std, "cpu", dtype)(u8, torch.zeros(1), nhwc=True).images
         assert torch.equal(norm, ref)
+
+
+def test_a_dct_scaled_box_lands_where_the_full_resolution_box_does(tmp_path):
+    """At 1/8, scaled pixel k covers source pixels [8k, 8k + 8): the box maps by exactly 1/8, wherever the image
+    width rounds (2100 / 8 = 262.5 -> 263 scaled pixels). A vertical step edge lands where Pillow puts it."""
+    W, H, edge = 2100, 1900, 1717
+    img = np.zeros((H, W, 3), dtype=np.uint8)
+    img[:, edge:] = 255
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=100, subsampling=0)
+    box = (50, 300, 1800, 1800, 0, 0)
+    out, denom = cd.decode_box(buf.getvalue(), box, (224, 224))
+    assert denom == 8
+    ref = np.asarray(Image.fromarray(img).crop((300, 50, 2100, 1850)).resize((224, 224), Image.BILINEAR))
+
+    def crossing(row):  # sub-pixel position of the 50 % level
+        v = row.astype(float)
+        i = int(np.argmax(v >= 127.5))
+        return i - 1 + (127.5 - v[i - 1]) / (v[i] - v[i - 1])
+
+    assert abs(crossing(out[112, :, 0]) - crossing(ref[112, :, 0])) < 0.15
