@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .config import BACKENDS, PipelineConfig
+from .config import BACKENDS, PipelineConfig, backend_for
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from .base import Loader
 
-__all__ = ["BACKENDS", "PipelineConfig", "build_loader"]
+__all__ = ["BACKENDS", "PipelineConfig", "backend_for", "build_loader"]
 
 
 def build_loader(

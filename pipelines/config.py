@@ -83,6 +83,17 @@ class PipelineConfig:
             raise ValueError(f"data.std: every value must be > 0, got {self.std}")
 
 
+FOLDER_BACKENDS = ("torchvision", "dali", "turbo")
+
+
+def backend_for(path, preferred: str = "torchvision") -> str:
+    """The backend that reads `path`: ffcv for a .beton; for a class-folder tree `preferred` where it reads
+    folders (a run's own backend, say), else the torchvision reference."""
+    if str(path).endswith(".beton"):
+        return "ffcv"
+    return preferred if preferred in FOLDER_BACKENDS else "torchvision"
+
+
 def parse_randaugment(spec: str) -> Tuple[int, int]:
     """timm's "rand-m10-n2-mstd0.5-inc1" -> (n ops, magnitude m on timm's 0..10 scale); n defaults to 2."""
     parts = spec.split("-")

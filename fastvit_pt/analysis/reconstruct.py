@@ -28,7 +28,7 @@ def save_reconstructions(
     mae = method.model
     if data_path:  # a folder is read with the reference loader, a .beton with ffcv, whatever the run used
         cfg.data.path = data_path
-        cfg.data.backend = "torchvision" if Path(data_path).is_dir() else "ffcv"
+        cfg.data.backend = pipelines.backend_for(data_path)
     cfg.data.workers = 0
     # evaluation crops, but a seeded shuffle: the first images of a class-sorted folder are all one class
     loader = pipelines.build_loader(cfg.data, img_size=cfg.model.img_size, batch_size=num, seed=seed, train=False,

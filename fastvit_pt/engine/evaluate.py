@@ -20,7 +20,8 @@ BEST_MODEL, BEST_META = "model-best.pt", "best.json"
 
 def build_eval_loader(cfg: Config, env: DistEnv, dtype: torch.dtype):
     """The loader of eval.path on this rank (its 1/world_size share, in file order), or None when eval.path is
-    empty. A .beton is read with FFCV; a folder with DALI when training uses DALI, else with torchvision."""
+    empty. A .beton is read with FFCV; a folder with the run's own backend where it reads folders (torchvision, dali,
+    turbo), else with torchvision."""
     if not cfg.eval.path:
         return None
     import dataclasses
@@ -28,8 +29,8 @@ def build_eval_loader(cfg: Config, env: DistEnv, dtype: torch.dtype):
     import pipelines
 
     path = cfg.eval.path
-    backend = "ffcv" if path.endswith(".beton") else ("dali" if cfg.data.backend == "dali" else "torchvision")
-    pcfg = dataclasses.replace(cfg.data, backend=backend, path=path, randaugment="")
+    pcfg = dataclasses.replace(cfg.data, backend=pipelines.backend_for(path, cfg.data.backend), path=path,
+                               randaugment="")
     return pipelines.build_loader(pcfg, img_size=cfg.model.img_size, batch_size=cfg.eval.micro_batch, rank=env.rank,
                                   world_size=env.world_size, seed=cfg.train.seed, device=env.device, dtype=dtype,
                                   train=False, drop_last=False)

@@ -85,8 +85,7 @@ def backbone_features(checkpoint: str, train_data: str, test_data: str, cfg, bat
     encoder.to(dev)
 
     def features(path: str):
-        backend = "ffcv" if str(path).endswith(".beton") else "torchvision"
-        pcfg = dataclasses.replace(cfg.data, backend=backend, path=str(path), randaugment="")
+        pcfg = dataclasses.replace(cfg.data, backend=pipelines.backend_for(path), path=str(path), randaugment="")
         loader = pipelines.build_loader(pcfg, img_size=m.img_size, batch_size=batch, device=dev, train=False,
                                         drop_last=False)
         return extract_features(encoder, loader, desc=f"features {path}"), len(loader.classes)

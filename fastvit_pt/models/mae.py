@@ -180,6 +180,9 @@ class MaskedAutoencoderViT(nn.Module):
     ) -> EncoderOutput:
         """imgs: [N, C, H, W] -> EncoderOutput (latent [N, 1 + K, D], K = round((1 - r) * L)); see
         VisionTransformer.forward_tokens for attn_layers, max_depth and hidden_out."""
+        size = self.encoder.patch_embed.img_size
+        if imgs.shape[-2:] != (size, size):  # the decoder's position embedding is fixed to the model's grid
+            raise ValueError(f"input is {imgs.shape[-2]}x{imgs.shape[-1]} px but this MAE reconstructs {size}x{size}")
         x = self.encoder.embed_patches(imgs)
         x, mask, ids_restore, ids_shuffle = random_masking(x, mask_ratio, ids_shuffle)
         x, logits = self.encoder.forward_tokens(self.encoder.prepend_cls(x), attn_layers, max_depth, hidden_out)

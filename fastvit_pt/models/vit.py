@@ -59,9 +59,11 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, C, H, W] -> [N, L, D]"""
-        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
-            raise ValueError(f"input is {tuple(x.shape[-2:])} px but the model expects {self.img_size}x{self.img_size}")
+        """x: [N, C, H, W] -> [N, L, D], L = (H / p) (W / p): any size that is a multiple of the patch (DINO's
+        96-px local crops on a 224-px model); the position embedding follows (`VisionTransformer.embed_patches`)."""
+        h, w = x.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"input is {h}x{w} px, not a multiple of the model's {self.patch_size}-px patches")
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -239,8 +241,22 @@ class VisionTransformer(nn.Module):
         self.apply(init_linear_and_norm)
 
     def embed_patches(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, C, H, W] -> patch tokens with position added, no cls: [N, L, D]"""
-        return self.patch_embed(x) + self.pos_embed[:, 1:, :]
+        """x: [N, C, H, W] -> patch tokens with position added, no cls: [N, L, D]. At another size than the
+        model's, the patch grid's position embedding is resampled to the input's grid."""
+        grid = (x.shape[-2] // self.patch_embed.patch_size, x.shape[-1] // self.patch_embed.patch_size)
+        return self.patch_embed(x) + self.patch_pos_embed(grid)
+
+    def patch_pos_embed(self, grid: Tuple[int, int]) -> torch.Tensor:
+        """The patch tokens' position embedding for a (rows, cols) grid: [1, rows * cols, D]. The model's own grid
+        returns it as it is; another is resampled as timm's resample_abs_pos_embed does (bicubic, antialiased,
+        in fp32; DINO's interpolate_pos_encoding differs by its +0.1 scale offset, not kept)."""
+        pos = self.pos_embed[:, 1:, :]
+        g = self.patch_embed.grid_size
+        if grid == (g, g):
+            return pos
+        pos = pos.float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=grid, mode="bicubic", antialias=True, align_corners=False)
+        return pos.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(self.pos_embed.dtype)
 
     def prepend_cls(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, L', D] -> [N, 1 + L', D]"""

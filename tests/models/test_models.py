@@ -119,3 +119,35 @@ def test_relative_position_bias():
         torch.testing.assert_close(rpe(x), biased, rtol=1e-4, atol=1e-5)  # SDPA with the bias == explicit
     with pytest.raises(ValueError, match="RPE models are for fine-tuning"):
         rpe.blocks[0].attn(torch.randn(1, 7, 32))
+
+
+def test_position_embedding_follows_the_input_size():
+    """A 224-px ViT-Tiny reads 96-px crops (DINO's local views) and non-square inputs: its patch grid's position
+    embedding is resampled exactly as timm's resample_abs_pos_embed does, and the model gives timm's
+    (dynamic_img_size=True) logits at those sizes; at its own size nothing changes."""
+    timm = pytest.importorskip("timm")
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    m = create_model("vit_tiny_patch16", num_classes=10).eval()
+    assert torch.equal(m.patch_pos_embed((14, 14)), m.pos_embed[:, 1:])
+    for grid in ((6, 6), (7, 12), (20, 20)):
+        want = resample_abs_pos_embed(m.pos_embed.detach(), list(grid), old_size=[14, 14], num_prefix_tokens=1)
+        assert torch.equal(m.patch_pos_embed(grid).detach(), want[:, 1:])
+    ref = timm.create_model("vit_tiny_patch16_224", num_heads=12, num_classes=10, dynamic_img_size=True).eval()
+    ref.load_state_dict(m.state_dict(), strict=True)
+    with torch.no_grad():
+        for size in ((96, 96), (112, 192)):
+            x = torch.randn(2, 3, *size)
+            assert m.forward_features(x).shape == (2, 1 + size[0] // 16 * size[1] // 16, 192)
+            torch.testing.assert_close(m(x), ref(x), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="not a multiple of the model's 16-px patches"):
+        m(torch.randn(1, 3, 100, 96))
+
+
+def test_mae_refuses_another_size_by_name():
+    from fastvit_pt.models import create_model
+
+    mae = create_model("mae_vit_test", img_size=32, patch_size=4)
+    with pytest.raises(ValueError, match="input is 48x48 px but this MAE reconstructs 32x32"):
+        mae(torch.randn(1, 3, 48, 48))

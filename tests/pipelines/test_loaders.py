@@ -305,3 +305,13 @@ def test_ffcv_ring_slots_go_to_the_device_borrowed_and_channels_last(photo_tree,
     assert calls[-1][2] == {"normalized": True}
     assert half.images.shape == full.images.shape and half.images.is_contiguous()
     assert torch.allclose(half.images.float(), full.images, atol=2e-3)
+
+
+def test_backend_for_a_path():
+    """One rule for evaluation, k-NN and reconstructions: a .beton through ffcv; a folder through the run's own
+    backend where that reads folders, else the torchvision reference."""
+    from pipelines import backend_for
+
+    assert backend_for("/d/val.beton", "turbo") == "ffcv" and backend_for("/d/val.beton") == "ffcv"
+    assert [backend_for("/d/val", b) for b in ("torchvision", "dali", "turbo", "ffcv")] == [
+        "torchvision", "dali", "turbo", "torchvision"]
