@@ -1,13 +1,26 @@
 """The architecture is visible in the imports: models never import pipelines, deepspeed or
 torch.distributed; pipelines never import fastvit_pt; each heavy optional library has one home."""
 import ast
+import gc
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _parse(source: str) -> ast.Module:
+    """ast.parse with the garbage collector paused. A collection inside Python 3.11's AST builder can run a
+    finalizer whose failure report formats a traceback, which parses source for its carets: the nested parse
+    breaks the outer one ("AST constructor recursion depth mismatch", python/cpython#106905). numba's dispatchers
+    left by FFCV's stock decoder are such finalizers (their KeyError is in the suite's warnings)."""
+    gc.disable()
+    try:
+        return ast.parse(source)
+    finally:
+        gc.enable()
+
+
 def imports_of(path: Path, root: Path = REPO):
-    tree = ast.parse(path.read_text())
+    tree = _parse(path.read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
