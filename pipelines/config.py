@@ -13,6 +13,10 @@ BACKENDS = ("torchvision", "ffcv", "dali", "turbo")
 FFCV_DECODERS = ("crop", "stock")
 INTERPOLATIONS = ("bilinear", "bicubic", "random")
 
+EVAL_CROP_RATIO = 0.875
+"""Evaluation crop: the centred square of 0.875 x the short side, i.e. Resize(img / 0.875) + CenterCrop(img)
+(256 -> 224 at ImageNet scale), on every backend."""
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -21,10 +21,9 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from .base import DecodeError
+from .config import EVAL_CROP_RATIO
 
 _FILTER_MODES = {"bilinear": 0, "bicubic": 1, "random": 2}
-EVAL_CROP_RATIO = 0.875
-"""Evaluation: the centred square of 0.875 x the short side (Resize(img / 0.875) + CenterCrop(img))."""
 
 
 # fv_sample(data, size, kind, height, width, seed, *epoch, index, train, *args, filter_mode, out_kind, *out, out_h,

@@ -35,7 +35,7 @@ from .base import (
     sample_seeds,
     shard_indices,
 )
-from .config import PipelineConfig, parse_randaugment
+from .config import EVAL_CROP_RATIO, PipelineConfig, parse_randaugment
 from .folder import scan_folder
 
 _FILTERS = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
@@ -96,7 +96,7 @@ def _graph(paths, cfg: PipelineConfig, img_size: int, train: bool, gpu: bool, hi
             mirror = 0
         return fn.crop_mirror_normalize(imgs, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
     imgs = fn.decoders.image(jpegs, **decoder)
-    imgs = fn.resize(imgs, resize_shorter=int(round(img_size / 0.875)), interp_type=types.INTERP_CUBIC, antialias=True)
+    imgs = fn.resize(imgs, resize_shorter=int(round(img_size / EVAL_CROP_RATIO)), interp_type=types.INTERP_CUBIC, antialias=True)
     return fn.crop_mirror_normalize(imgs, dtype=types.UINT8, output_layout="CHW", crop=(img_size, img_size))
 
 

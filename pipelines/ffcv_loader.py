@@ -35,7 +35,7 @@ import torch
 from .base import (Batch, DecodeError, DeviceNormalize, Loader, LoaderArgs, advise_hugepages, host_output, pinned,
                    sample_seeds, shard_indices, torch_threads_kept)
 from .beton import manifest_path
-from .config import PipelineConfig
+from .config import EVAL_CROP_RATIO, PipelineConfig
 
 with torch_threads_kept():  # importing ffcv sets torch's thread count to 1
     from ffcv.fields.basics import IntDecoder
@@ -162,7 +162,7 @@ class FfcvLoader(Loader):
                                                        ratio=tuple(cfg.crop_ratio))
             image_ops = [decoder, RandomHorizontalFlip(cfg.hflip)]
         else:
-            image_ops = [CenterCropRGBImageDecoder((a.img_size, a.img_size), ratio=0.875)]  # cropdecode's EVAL_CROP_RATIO
+            image_ops = [CenterCropRGBImageDecoder((a.img_size, a.img_size), ratio=EVAL_CROP_RATIO)]
         if not isinstance(image_ops, PipelineSpec):
             image_ops += [ToTensor()]  # [N, H, W, 3] uint8 either way: DeviceNormalize transposes on the device
         self.loader = FFCVLoader(

@@ -8,6 +8,20 @@ from typing import Dict, List, Tuple
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def open_rgb(path: str | Path):
+    """A PIL image in RGB, as the torchvision reference reads it (no EXIF rotation); DecodeError naming the file
+    when PIL cannot read it."""
+    from PIL import Image
+
+    from .base import DecodeError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as err:  # PIL raises many types; the path is what the user needs
+        raise DecodeError(f"cannot decode image {path}: {type(err).__name__}: {err}") from err
+
+
 def walk_classes(root: str | Path, kind: str = "data", placeholder: str = "ROOT"):
     """Every non-hidden file under ROOT/<class>/ (sub-folders included, links followed) as (path, label),
     sorted by path; the sorted class names; and what was passed over (hidden files and folders, files

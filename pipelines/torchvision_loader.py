@@ -15,7 +15,6 @@ from torchvision.transforms import v2
 
 from .base import (
     Batch,
-    DecodeError,
     DeviceNormalize,
     EpochShardSampler,
     Loader,
@@ -23,8 +22,8 @@ from .base import (
     batches_per_epoch,
     sample_seed,
 )
-from .config import PipelineConfig
-from .folder import scan_folder
+from .config import EVAL_CROP_RATIO, PipelineConfig
+from .folder import open_rgb, scan_folder
 
 _FILTERS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
@@ -62,10 +61,10 @@ def train_transform(cfg: PipelineConfig, img_size: int) -> v2.Transform:
 
 
 def eval_transform(img_size: int) -> v2.Transform:
-    """Resize the short side to img_size / 0.875 (256 for 224), then center-crop img_size."""
+    """Resize the short side to img_size / EVAL_CROP_RATIO (256 for 224), then center-crop img_size."""
     return v2.Compose(
         [
-            v2.Resize(int(round(img_size / 0.875)), interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.Resize(int(round(img_size / EVAL_CROP_RATIO)), interpolation=InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop(img_size),
             v2.PILToTensor(),
         ]
@@ -86,11 +85,7 @@ class FolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: Tuple[int, int]):
         index, epoch = key
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except Exception as err:  # PIL raises many types; the path is what the user needs
-            raise DecodeError(f"cannot decode image {path}: {type(err).__name__}: {err}") from err
+        img = open_rgb(path)
         # v2 transforms draw from torch's RNG, timm's RandAugment from python's and numpy's; reseeding all three
         # pins them to the sample. In a worker they are private; in the main process (workers=0) they are the
         # training's, so they are put back afterwards instead of clobbered.

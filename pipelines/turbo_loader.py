@@ -22,7 +22,7 @@ from . import cropdecode
 from .base import (Batch, DecodeError, DeviceNormalize, Loader, LoaderArgs, batches_per_epoch, fresh_host_batch,
                    host_output, pinned, sample_seeds, shard_indices)
 from .config import PipelineConfig
-from .folder import scan_folder
+from .folder import open_rgb, scan_folder
 
 _DTYPES = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -78,19 +78,18 @@ class TurboLoader(Loader):
                 data = np.fromfile(path, dtype=np.uint8)
             except OSError as err:
                 raise DecodeError(f"cannot read image {path}: {err.strerror or err}") from err
-            h = w = 0  # a JPEG's size comes from its header, in C
-            source = 0
-            if data[:2].tobytes() != b"\xff\xd8":  # not a JPEG (a PNG in an ImageNet-style tree): PIL decodes it
-                data, source = _decode_with_pil(path), 1
-                h, w = data.shape[:2]
-            rc = cropdecode.SAMPLE(data.ctypes.data, data.size, source, h, w, self.a.seed, self._epoch.ctypes.data,
-                                   idx[j], int(self.a.train), self.args.ctypes.data, self.aug.filter_mode, kind,
-                                   base + j * step, S, S, 0)
-            if rc == cropdecode.ERR_COLOR:  # CMYK / YCCK JPEG: PIL converts it to RGB
-                data = _decode_with_pil(path)
-                rc = cropdecode.SAMPLE(data.ctypes.data, data.size, 1, data.shape[0], data.shape[1], self.a.seed,
-                                       self._epoch.ctypes.data, idx[j], int(self.a.train), self.args.ctypes.data,
-                                       self.aug.filter_mode, kind, base + j * step, S, S, 0)
+
+            def sample(data: np.ndarray, source: int, h: int, w: int) -> int:
+                return cropdecode.SAMPLE(data.ctypes.data, data.size, source, h, w, self.a.seed,
+                                         self._epoch.ctypes.data, idx[j], int(self.a.train), self.args.ctypes.data,
+                                         self.aug.filter_mode, kind, base + j * step, S, S, 0)
+
+            # a JPEG's size comes from its header, in C; anything else (a PNG in an ImageNet-style tree), and a
+            # CMYK / YCCK JPEG, is decoded by PIL, then cropped from its pixels by the same code
+            rc = sample(data, 0, 0, 0) if data[:2].tobytes() == b"\xff\xd8" else cropdecode.ERR_COLOR
+            if rc == cropdecode.ERR_COLOR:
+                data = np.ascontiguousarray(np.asarray(open_rgb(path)))
+                rc = sample(data, 1, data.shape[0], data.shape[1])
             if rc != 0:
                 why = cropdecode.why_not_decodable(data) or f"error {rc}"
                 raise DecodeError(f"cannot decode image {path}: {why}")
@@ -142,14 +141,3 @@ class TurboLoader(Loader):
             for *_, jobs in queue:
                 for job in jobs:
                     job.cancel() or job.exception()
-
-
-def _decode_with_pil(path: str) -> np.ndarray:
-    """Any image PIL reads -> uint8 [H, W, 3], as the torchvision reference reads it (no EXIF rotation)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return np.ascontiguousarray(np.asarray(im.convert("RGB")))
-    except Exception as err:  # PIL raises many types; the path is what the user needs
-        raise DecodeError(f"cannot decode image {path}: {type(err).__name__}: {err}") from err
