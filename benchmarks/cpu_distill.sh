@@ -12,9 +12,9 @@ out=${OUT:-benchmarks/results}
 fastvit=${FASTVIT:-.venv/bin/fastvit}
 teacher=${TEACHER:-runs/fmnist_acc/teacher}
 methods=${METHODS:-dmae d2mae}
-$fastvit bench model --teacher vit_base_patch16 --attn sdpa --precision fp32 --batch 64 --steps 8 --warmup 2 \
+$fastvit bench model --method mae,dmae,d2mae --teacher vit_base_patch16 --attn sdpa --precision fp32 --batch 64 --steps 8 --warmup 2 \
   --timm-ref none --json "$out/cpu_distill_model.json"
 for method in $methods; do
-  $fastvit bench e2e recipes/demo/${method}_fmnist.yaml distill.teacher="$teacher" --steps 10 --warmup 3 --windows 3 \
+  $fastvit bench e2e recipes/demo/${method}_fmnist.yaml method.teacher="$teacher" --steps 10 --warmup 3 --windows 3 \
     --json "$out/cpu_distill_e2e_$method.json"
 done

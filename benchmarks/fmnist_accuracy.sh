@@ -33,7 +33,7 @@ if [ -n "$DISTILLED" ]; then
   run $FASTVIT train recipes/demo/mae_small_fmnist_teacher.yaml train.epochs="$TEACHER_EPOCHS" --out "$OUT/teacher" --resume
 fi
 for method in $DISTILLED; do
-  run $FASTVIT train "recipes/demo/${method}_fmnist.yaml" distill.teacher="$OUT/teacher" --out "$OUT/${method}_pretrain" --resume
+  run $FASTVIT train "recipes/demo/${method}_fmnist.yaml" method.teacher="$OUT/teacher" --out "$OUT/${method}_pretrain" --resume
 done
 
 # the probes read images as each encoder was pre-trained (its run's 28-px geometry and Fashion-MNIST mean/std);

@@ -8,7 +8,8 @@
 #              RandomResizedCrop + flip on the GPU into a normalised bf16 batch) and turbo (the crop decoder in 12
 #              threads, uint8 to the GPU; built first where gcc and libjpeg's headers exist) beside the torchvision
 #              reference loader (PIL in 12 workers) and PIL decode-only, all in one run
-#   teacher    bench model --teacher vit_base_patch16: what D-MAE's and D2-MAE's frozen ViT-Base costs
+#   teacher    bench model --method mae,dmae,d2mae,mocov3 --teacher vit_base_patch16: what D-MAE's and D2-MAE's
+#              frozen ViT-Base costs, and MoCo-v3's two views and momentum encoder, beside MAE
 #   ablation   bench model --ablate: SDPA, fused AdamW, bf16, torch.compile each alone, then all (~2 compiles)
 # Each step runs under its own timeout and the overall --budget, writes OUT/<step>.json the moment it ends, and
 # appends one line to OUT/steps.log (a failed step also its output's last lines); a failed step never stops the
@@ -109,6 +110,7 @@ imports() {
 if [ -n "$tiny" ]; then  # seconds per step: same commands, test sizes
   n_photos=64 workers=2 teacher=vit_test
   size=(--model mae_vit_test --img-size 32 --patch-size 8 --batch 4)
+  method_set=(decoder_block=1 mlp_dim=64)  # settings of the methods that have them, at test size
   timed=(--steps 1 --warmup 1) ablation_timed=(--steps 1 --warmup 1)
   e2e=(model.name=mae_vit_test model.img_size=32 model.patch_size=8 train.global_batch=4 train.micro_batch=4
        --steps 2 --warmup 1 --windows 2)
@@ -117,6 +119,7 @@ else
   # 12,800 photos: ~10 s to write on 16 cores, 25 batches of 512 per epoch, ~0.8 GB in the page cache
   n_photos=12800 workers=12 teacher=vit_base_patch16  # 12 of the 16 cores decode; the rest feed the GPU
   size=(--batch 512)
+  method_set=()
   timed=(--steps 50 --warmup 10)
   ablation_timed=(--steps 20 --warmup 5)  # the warm-up holds the two torch.compile builds (~1 min each)
   e2e=(train.global_batch=512 train.micro_batch=512 --steps 15 --warmup 5 --windows 3)
@@ -231,7 +234,8 @@ step loader 240 "${FV[@]}" bench loader --data "$data" --backends "$loader_backe
   "${loader[@]}" --device "$device" --precision bf16 --json "$out_dir/loader.json"
 
 step teacher 240 "${FV[@]}" bench model "${size[@]}" "${timed[@]}" --device "$device" --precision bf16 --attn sdpa \
-  --timm-ref none --teacher "$teacher" --json "$out_dir/teacher.json"
+  --timm-ref none --method mae,dmae,d2mae,mocov3 --teacher "$teacher" --json "$out_dir/teacher.json" \
+  "${method_set[@]}"
 
 selected ablation && [ ${#no_compile[@]} -gt 0 ] \
   && echo "    note: the ablation's torch.compile rows below run eagerly (TORCHDYNAMO_DISABLE=1, CPU dry run)" >> "$LOG"

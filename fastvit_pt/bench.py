@@ -56,14 +56,32 @@ def _train_step(module: nn.Module, loss_fn: Callable[[], torch.Tensor], precisio
 
 
 def _engine_config(model: str, batch: int, img_size: int, patch_size: int, precision: str, device: str,
-                   mask_ratio: float, engine: str, attn: str, extra: Optional[Dict] = None):
+                   engine: str, attn: str, method: str = "mae", method_fields: Optional[Dict] = None,
+                   extra: Optional[Dict] = None):
+    """A config for one bench row; `method_fields` are set where the method's section has them (mask_ratio for
+    the MAE family, teacher for distillation), so no method is named here."""
     from .config import load_config
 
     over = {"model.name": model, "model.img_size": img_size, "model.patch_size": patch_size, "model.attn_impl": attn,
-            "method.mask_ratio": mask_ratio, "engine.kind": engine, "engine.precision": precision,
+            "method.name": method, "engine.kind": engine, "engine.precision": precision,
             "engine.device": device, "train.global_batch": batch, "train.micro_batch": batch, "optim.warmup_epochs": 0,
             **(extra or {})}
-    return load_config(None, [f"{k}={v}" for k, v in over.items()])
+    cfg = load_config(None, [f"{k}={v}" for k, v in over.items()])
+    for key, value in (method_fields or {}).items():
+        if hasattr(cfg.method, key) and value is not None:
+            setattr(cfg.method, key, value)
+    return cfg.validate()
+
+
+def synthetic_batch(views, batch: int, img_size: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """A Batch like a loader's for a method's declared views (None: one view at img_size), random pixels."""
+    from pipelines.base import Batch, sample_seeds
+
+    g = torch.Generator().manual_seed(seed)
+    sizes = [v.size or img_size for v in views] if views else [img_size]
+    imgs = [torch.randn(batch, 3, s, s, generator=g).to(device=device, dtype=dtype) for s in sizes]
+    labels = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    return Batch(imgs[0], labels, sample_seeds(0, 0, range(batch)).to(device), more_views=imgs[1:])
 
 
 # `bench model --ablate`: every GPU-path kernel off, each switched on alone, then all on
@@ -79,12 +97,13 @@ ABLATION_BASE = {"model.attn_impl": "math", "optim.fused": False, "engine.precis
 
 
 def _engine_step(engine, batch) -> Callable[[], None]:
-    """The loop's own three calls, nothing else."""
+    """The loop's own calls, nothing else."""
 
     def step() -> None:
         out = engine(batch)
         engine.backward(out["loss"])
-        engine.step()
+        if engine.step():
+            engine.after_step()
 
     return step
 
@@ -105,52 +124,55 @@ def bench_model(
     engines: Sequence[str] = ("torch",),
     variants: Sequence = (),
     teacher: Optional[str] = None,
+    methods: Sequence[str] = ("mae",),
+    method_settings: Optional[Dict] = None,
 ) -> Dict:
-    """One row per (engine, attention implementation): real train steps of `model` through the engine the
-    loop uses (engine(batch); engine.backward(loss); engine.step()), on a synthetic batch already on the
-    device; plus timm's full-token classification train step when `timm_reference` names a timm model (12
-    heads, as mae-lite's Tiny). Every row carries its MFU against the same FLOP count and peak."""
-    from pipelines.base import Batch, sample_seeds
-
-    from .distributed import build_engine
-    from .distributed.base import DTYPES
+    """One row per (method, engine, attention implementation): real train steps of `model` through the engine
+    the loop uses (engine(batch); engine.backward(loss); engine.step(); after_step), on a synthetic batch of the
+    views the method declares, already on the device; plus timm's full-token classification train step when
+    `timm_reference` names a timm model (12 heads, as mae-lite's Tiny). A method with a frozen teacher gets a
+    randomly initialised one (`teacher` names its encoder; its weights do not change its speed). Every row carries
+    its MFU against its own FLOP count. `method_settings` ({"decoder_block": 1}) apply to the methods whose section
+    has them."""
     from .distributed.env import init_distributed, pick_device, resolve_precision, shutdown_distributed
+    from .engine.plan import DTYPES, bench_plan
+    from .engines import engine_class
     from .flops import mfu, peak_flops, train_flops_per_image
     from .methods import build_method
 
     dev = pick_device(device)
     precision = resolve_precision(precision, dev)
-    own_group = "deepspeed" in engines and not torch.distributed.is_initialized()
+    own_group = any(engine_class(k).needs_process_group for k in engines) and not torch.distributed.is_initialized()
     if own_group:
         init_distributed(dev.type, group_of_one=True)
     torch.manual_seed(0)
-    images = torch.randn(batch, 3, img_size, img_size, device=dev)
-    labels = torch.randint(0, 1000, (batch,), device=dev)
-    data = Batch(images.to(DTYPES[precision]), labels, sample_seeds(0, 0, range(batch)).to(dev))
-    # (label, engine, attn, config overrides) per row; --ablate: the variants on the first engine
-    cases = [(f"{model} (MAE, mask {mask_ratio})", kind, impl, {}) for kind in engines for impl in attn]
-    tmp = None
-    if teacher:  # the same rows with a frozen teacher: D-MAE and D2-MAE beside MAE, same engine and attention
-        cases, tmp = _with_teacher(cases, model, teacher, img_size, patch_size)
+    fields = {"mask_ratio": mask_ratio, "teacher": "random", "teacher_model": teacher, **(method_settings or {})}
+    # (label, method, engine, attn, config overrides) per row; --ablate: the variants on the first engine and method
+    cases = [(_label(model, m, mask_ratio, teacher), m, kind, impl, {}) for kind in engines for impl in attn
+             for m in methods]
     if variants:
-        cases = [(label, engines[0], over.get("model.attn_impl", ABLATION_BASE["model.attn_impl"]),
+        cases = [(label, methods[0], engines[0], over.get("model.attn_impl", ABLATION_BASE["model.attn_impl"]),
                   {**ABLATION_BASE, **over}) for label, over in variants]
-    built, flops = [], None  # every case is built first, then all are timed round-robin (below)
+    built, flops, ref_images = [], None, None  # every case is built first, then all are timed round-robin (below)
     try:
-        for label, kind, impl, extra in cases:
-            cfg = _engine_config(model, batch, img_size, patch_size, precision, dev.type, mask_ratio, kind, impl, extra)
-            method = build_method(cfg, attn_impl=impl, is_main=False)
+        for label, name, kind, impl, extra in cases:
+            cfg = _engine_config(model, batch, img_size, patch_size, precision, dev.type, kind, impl, name, fields, extra)
+            plan = bench_plan(cfg, _single_env(dev))
+            method = build_method(cfg.method, cfg.model, plan)
+            data = synthetic_batch(method.views(), batch, img_size, DTYPES[plan.precision], dev)
+            ref_images = data.images if ref_images is None else ref_images
             case_flops = train_flops_per_image(method, data)
             flops = flops or case_flops
-            engine = build_engine(method, cfg, _single_env(dev), steps_per_epoch=10**6)
-            batch_in = Batch(images.to(engine.dtype), labels, data.keys)  # what a loader delivers for that precision
+            engine = engine_class(kind)(method, plan, cfg.engine, cfg.optim)
             meta = {"engine": kind, "precision": engine.precision, "compile": cfg.engine.compile,
                     "fused_adamw": bool(engine.optimizer.defaults.get("fused")), "method": cfg.method.name,
-                    "flops": case_flops}
-            built.append((label, impl, meta, _engine_step(engine, batch_in)))
+                    "views": len(data.views), "flops": case_flops}
+            built.append((label, impl, meta, _engine_step(engine, data)))
         if timm_reference:
             import timm
 
+            images = ref_images.float()
+            labels = torch.randint(0, 1000, (batch,), device=dev)
             ref = timm.create_model(timm_reference, num_heads=12, num_classes=1000, img_size=img_size,
                                     patch_size=patch_size).to(dev).train()  # the same tokens as ours
             ce = nn.CrossEntropyLoss()
@@ -162,8 +184,6 @@ def bench_model(
         del built
         if own_group:
             shutdown_distributed()
-        if tmp is not None:
-            tmp.cleanup()
     peaks = {p: peak_flops(dev, p) for p in {r["precision"] for r in rows if "precision" in r} | {precision}}
     peak = peaks[precision]
     ours = [r for r in rows if not r["name"].startswith("timm")]
@@ -175,11 +195,12 @@ def bench_model(
     ref_rate = rows[-1]["img_per_s"] if timm_reference else None
     for r in rows:
         r["ratio_vs_timm"] = round(r["img_per_s"] / ref_rate, 3) if ref_rate else None
-    for r in ours:  # side by side: against the first row with the same attention (ablation: the first row)
-        base = ours[0] if variants else next(x for x in ours if x["attn"] == r["attn"])
+    for r in ours:  # side by side: against the first row with the same engine and attention (ablation: the first row)
+        base = ours[0] if variants else next(x for x in ours if (x["attn"], x["engine"]) == (r["attn"], r["engine"]))
         r["ratio_vs_first"] = round(r["img_per_s"] / base["img_per_s"], 3)
     return {
         "model": model,
+        "methods": list(methods),
         "batch": batch,
         "img_per_s": primary["img_per_s"],
         "best_attn": primary["attn"],
@@ -195,28 +216,16 @@ def bench_model(
     }
 
 
-def _with_teacher(cases, model: str, teacher: str, img_size: int, patch_size: int):
-    """Each MAE case followed by its D-MAE and D2-MAE twins, with a randomly initialised `teacher` encoder
-    (its weights do not change its speed) written to a temporary file; returns (cases, the temporary dir)."""
-    import tempfile
-    from pathlib import Path
+def _label(model: str, method: str, mask_ratio: float, teacher: Optional[str]) -> str:
+    from .methods.configs import section_class
 
-    from .eval.checkpoints import export_for_timm
-    from .models import create_model
-
-    tmp = tempfile.TemporaryDirectory(prefix="fastvit_teacher_")
-    name = teacher.removeprefix("mae_")
-    path = export_for_timm(create_model(name, img_size=img_size, patch_size=patch_size, num_classes=0),
-                           Path(tmp.name) / "teacher.pt")
-    depth = create_model(model, img_size=img_size, patch_size=patch_size).encoder.depth
-    common = {"distill.teacher": str(path), "distill.teacher_model": name}
-    out = []
-    for label, kind, impl, extra in cases:
-        out += [(label, kind, impl, extra),
-                (f"{model} D-MAE (teacher {name})", kind, impl, {**extra, **common, "method.name": "dmae"}),
-                (f"{model} D2-MAE (teacher {name})", kind, impl,
-                 {**extra, **common, "method.name": "d2mae", "distill.decoder_block": min(8, depth)})]
-    return out, tmp
+    section = section_class(method)()
+    parts = [method]
+    if hasattr(section, "mask_ratio"):
+        parts.append(f"mask {mask_ratio}")
+    if hasattr(section, "teacher"):
+        parts.append(f"random teacher {(teacher or section.teacher_model).removeprefix('mae_')}")
+    return f"{model} ({', '.join(parts)})"
 
 
 def _single_env(dev: torch.device):
@@ -295,9 +304,6 @@ def _windows(fn: Callable[[], int], device: torch.device, windows: int, steps: i
     return rates
 
 
-DISTILL_METHODS = ("dmae", "d2mae")
-
-
 def _loader_step(engine, batches) -> Callable[[], int]:
     """One real training step on the loader's next batch; returns its image count."""
 
@@ -309,28 +315,30 @@ def _loader_step(engine, batches) -> Callable[[], int]:
     return step
 
 
-def _without_teacher(cfg, env, engine, batches, fixed, windows: int, steps: int, warmup: int, progress=None) -> Dict:
-    """The same recipe as plain MAE (no teacher, no adapter), timed in the same process: model-only and
-    end-to-end windows alternate with the distilling engine's, so the ratio is side by side."""
+def _beside_baseline(cfg, env, engine, batches, fixed, windows: int, steps: int, warmup: int, progress=None) -> Dict:
+    """The same recipe as the method's baseline (D-MAE's: MAE, no teacher, no adapter), timed in the same process:
+    model-only and end-to-end windows alternate with this method's, so the ratio is side by side."""
     import dataclasses
 
-    from .distributed import build_engine
-    from .engine.loop import resolve_attn_impl
+    from .engines import engine_class
     from .methods import build_method
+    from .methods.configs import section_class, switch_section
 
-    mae_cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name="mae"))
-    impl = resolve_attn_impl(cfg.model.attn_impl, env.device, engine.precision)
-    mae_engine = build_engine(build_method(mae_cfg, attn_impl=impl, is_main=False), mae_cfg, env, 10**6)
+    base_cfg = dataclasses.replace(cfg, method=switch_section(cfg.method, type(cfg.method).baseline, {}, drop=True))
+    plan = dataclasses.replace(engine.plan, env=env)
+    base_engine = engine_class(cfg.engine.kind)(build_method(base_cfg.method, cfg.model, plan), plan, cfg.engine,
+                                                cfg.optim)
+    assert section_class(base_cfg.method.name) is not None
     micro, dev = cfg.train.micro_batch, env.device
     res: Dict[str, Dict[str, List[float]]] = {"model": {"with": [], "without": []}, "e2e": {"with": [], "without": []}}
     for w in range(windows):  # with / without, window by window
-        for which, eng in (("with", engine), ("without", mae_engine)):
+        for which, eng in (("with", engine), ("without", base_engine)):
             fixed_step = _engine_step(eng, fixed)
             res["model"][which] += _windows(lambda: (fixed_step(), micro)[1], dev, 1, steps, warmup if w == 0 else 1,
                                             progress)
             res["e2e"][which] += _windows(_loader_step(eng, batches), dev, 1, steps, warmup if w == 0 else 1, progress)
     world = env.world_size
-    out = {}
+    out = {"baseline": base_cfg.method.name}
     for name in ("model", "e2e"):
         per_rank = statistics.median(res[name]["without"])
         out[name] = {"img_per_s": round(per_rank * world, 1), "img_per_s_per_rank": round(per_rank, 1),
@@ -345,11 +353,12 @@ def bench_e2e(cfg, steps: int = 20, warmup: int = 5, windows: int = 3, progress:
     loader alone and the model alone (one batch reused), measured in the same process one after another,
     with MFU for the model-only and end-to-end rates. Under torchrun, each rank measures its own; the
     reported global rates are per-rank x world size."""
-    from .distributed.env import init_distributed, shutdown_distributed
+    from .distributed.env import shutdown_distributed
+    from .engines import init_for
     from .engine.loop import build_training, seed_everything
     from .flops import mfu, peak_flops, train_flops_per_image
 
-    env = init_distributed(cfg.engine.device, cfg.engine.dist_timeout_s, group_of_one=cfg.engine.kind == "deepspeed")
+    env = init_for(cfg.engine)
     try:
         seed_everything(cfg.train.seed + env.rank)
         loader, method, engine, _ = build_training(cfg, env)
@@ -362,8 +371,8 @@ def bench_e2e(cfg, steps: int = 20, warmup: int = 5, windows: int = 3, progress:
         model_rates = _windows(lambda: (step(), micro)[1], dev, windows, steps, warmup, progress)
 
         e2e_rates = _windows(_loader_step(engine, batches), dev, windows, steps, warmup, progress)
-        without = _without_teacher(cfg, env, engine, batches, fixed, windows, steps, warmup, progress) \
-            if cfg.method.name in DISTILL_METHODS else None
+        without = _beside_baseline(cfg, env, engine, batches, fixed, windows, steps, warmup, progress) \
+            if type(cfg.method).baseline else None
         peak = peak_flops(dev, engine.precision)
         world = env.world_size
         out = {}

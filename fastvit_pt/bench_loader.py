@@ -147,7 +147,7 @@ def bench_loader(
     import pipelines
     from pipelines.folder import scan_folder
 
-    from .distributed.base import DTYPES
+    from .engine.plan import DTYPES
     from .distributed.env import pick_device, resolve_precision
 
     dev = pick_device(device)

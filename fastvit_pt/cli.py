@@ -66,8 +66,8 @@ def _write_json(res: dict, json_path: Optional[str]) -> None:
 def _load(recipe: str, overrides: List[str], out: Optional[str] = None):
     from .config import load_config
 
-    # `init=PATH` is short for finetune.init=PATH
-    overrides = [f"finetune.{o}" if o.startswith("init=") else o for o in overrides]
+    # `init=PATH` is short for method.init=PATH
+    overrides = [f"method.{o}" if o.startswith("init=") else o for o in overrides]
     return load_config(recipe, overrides + ([f"train.out_dir={out}"] if out else []))
 
 
@@ -108,8 +108,10 @@ def finetune(recipe: str, overrides: List[str], resume: Optional[str], out: Opti
     eval.every_epochs and keeps the best weights as model-best.pt."""
     from .config import ConfigError
 
-    cfg = _load(recipe, overrides, out)
-    if cfg.method.name != "finetune":
+    cfg = _load(recipe, [o for o in overrides if o.startswith("method.name=")], out)  # the recipe's method first
+    if cfg.method.classifies:
+        cfg = _load(recipe, overrides, out)
+    if not cfg.method.classifies:
         raise ConfigError(f"{recipe} trains method {cfg.method.name!r}; fastvit finetune needs a fine-tuning recipe "
                           "(method.name: finetune, e.g. recipes/finetune_tiny_300ep.yaml). Pre-train with fastvit train.")
     _run(cfg, resume, dry_run)
@@ -333,12 +335,17 @@ def bench() -> None:
               help="Engines to time side by side: torch, deepspeed, or torch,deepspeed.")
 @click.option("--ablate", is_flag=True, help="The fused-kernel ablation instead: SDPA, fused AdamW, bf16 autocast and "
               "torch.compile all off, each switched on alone, then all on (first --engine only).")
-@click.option("--teacher", default=None, help="Also time D-MAE and D2-MAE with this frozen teacher encoder (e.g. "
-              "vit_base_patch16, random weights) beside each MAE row; 'vs 1st' is then the cost of the teacher.")
+@click.option("--method", "methods", default="mae", show_default=True,
+              help="Methods to time side by side (`fastvit models`), e.g. mae,dmae,d2mae,mocov3; 'vs 1st' is each "
+              "against the first method with the same engine and attention.")
+@click.option("--teacher", default=None, help="Frozen teacher encoder of the methods that distil one (e.g. "
+              "vit_base_patch16; random weights) [default: their method.teacher_model].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
+@click.argument("method_settings", nargs=-1)
 def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, warmup, device, timm_ref, engines,
-                    ablate, teacher, json_path):
-    """Model-only train-step img/s (the engine's forward + backward + AdamW step) on a synthetic batch, with MFU."""
+                    ablate, methods, teacher, json_path, method_settings):
+    """Model-only train-step img/s (the engine's forward + backward + AdamW step) on a synthetic batch, with MFU.
+    METHOD_SETTINGS (decoder_block=1 mlp_dim=1024) apply to the methods whose section has them."""
     from .bench import ABLATION, bench_model
     from .engine.metrics import Progress
 
@@ -348,11 +355,20 @@ def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, 
     if bad:
         raise click.UsageError(f"--engine: expected torch and/or deepspeed, got {', '.join(bad)}")
     ref = None if timm_ref.lower() == "none" else timm_ref
-    cases = len(ABLATION) if ablate else len(impls) * len(kinds) * (3 if teacher else 1)
+    from .methods.configs import method_names
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in method_names()]
+    if unknown or not names:
+        raise click.UsageError(f"--method: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(method_names())}")
+    from .config import parse_overrides
+
+    settings = parse_overrides(list(method_settings))
+    cases = len(ABLATION) if ablate else len(impls) * len(kinds) * len(names)
     with Progress(True, steps * (cases + (ref is not None)), "bench model", unit="step") as bar:
         res = bench_model(model, batch, img_size, patch_size, precision, impls, steps, warmup, device,
                           timm_reference=ref, progress=bar.update, engines=kinds, variants=ABLATION if ablate else (),
-                          teacher=teacher)
+                          teacher=teacher, methods=names, method_settings=settings)
     click.echo(f"{res['env']['device']}, torch {res['env']['torch']}, {res['precision']}, batch {batch}, {img_size} px; "
                f"{res['train_gflops_per_image']} GFLOP per image per train step; peak {res['peak']['tflops']} TFLOP/s "
                f"({res['peak']['source']})")
@@ -377,11 +393,11 @@ def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, 
 def bench_e2e_cmd(recipe, overrides, steps, warmup, windows, json_path):
     """End-to-end img/s of RECIPE's real training steps, beside its loader alone and its model alone, with MFU."""
     cfg = _load(recipe, overrides).check_paths()  # bad input answers before the heavy imports
-    from .bench import DISTILL_METHODS, bench_e2e
+    from .bench import bench_e2e
     from .engine.metrics import Progress
 
-    distill = cfg.method.name in DISTILL_METHODS
-    with Progress(True, (7 if distill else 3) * windows * steps, "bench e2e", unit="step") as bar:
+    beside = type(cfg.method).baseline  # a method timed beside its baseline runs 4 more windows per window
+    with Progress(True, (7 if beside else 3) * windows * steps, "bench e2e", unit="step") as bar:
         res = bench_e2e(cfg, steps, warmup, windows, progress=bar.update)
     if not res["is_main"]:
         return
@@ -395,8 +411,8 @@ def bench_e2e_cmd(recipe, overrides, steps, warmup, windows, json_path):
     if "without_teacher" in res:
         wt = res["without_teacher"]
         for name in ("model", "e2e"):
-            click.echo(f"{name + ' MAE':10s} {wt[name]['img_per_s']:10.1f} {'-':>7s}   without the teacher; "
-                       f"{res['method']} runs at {wt[name]['with_teacher_vs_without']:.2f}x (alternating windows)")
+            click.echo(f"{name + ' ' + wt['baseline']:10s} {wt[name]['img_per_s']:10.1f} {'-':>7s}   without the "
+                       f"teacher; {res['method']} runs at {wt[name]['with_teacher_vs_without']:.2f}x (alternating windows)")
     click.echo(f"end-to-end = {res['e2e']['vs_model']:.2f}x model-only, {res['e2e']['vs_loader']:.2f}x loader-only; "
                f"bound by the {res['bound_by']}; {res['train_gflops_per_image']} GFLOP/image, peak "
                f"{res['peak']['tflops']} TFLOP/s ({res['peak']['source']})")

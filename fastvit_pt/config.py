@@ -18,6 +18,8 @@ import yaml
 
 from pipelines.config import PipelineConfig
 
+from .methods.configs import LEGACY_SECTIONS, MAEConfig, MethodConfig, MethodConfigError, section_class, switch_section
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ENGINES = ("torch", "deepspeed")
 ATTN_IMPLS = ("auto", "sdpa", "math")
@@ -42,57 +44,6 @@ class ModelConfig:
     """sdpa (fused kernels), math (explicit softmax(QK^T)V), or auto: the faster one measured for the device and dtype."""
     drop_path: float = 0.0
     """Stochastic depth rate of the encoder (MAE pre-training uses 0)."""
-
-
-@dataclass
-class MethodConfig:
-    name: str = "mae"
-    """The training method (`fastvit models` lists them)."""
-    mask_ratio: float = 0.75
-    """Fraction of patches hidden from the encoder."""
-    norm_pix_loss: bool = True
-    """Regress per-patch normalised pixels (MAE's better target)."""
-
-
-@dataclass
-class FinetuneConfig:
-    """method.name=finetune: supervised training of a classifier from a pre-trained backbone."""
-
-    init: Optional[str] = None
-    """The backbone to start from: any checkpoint `fastvit knn` reads (ours, mae-lite's, facebookresearch/mae's,
-    timm's), or `scratch` for random initialisation. Required. Its head is never kept: a fresh one is trained."""
-    global_pool: str = "avg"
-    """Classifier pooling: avg (mean of the patch tokens, then fc_norm: mae-lite's improved recipe) or token."""
-    layer_decay: float = 0.85
-    """Layer-wise lr decay: block i trains at decay^(depth - i) of the peak, the embeddings at decay^(depth + 1)."""
-    mixup: float = 0.2
-    """Mixup alpha (0 = off); timm's Mixup, applied to the batch on the device."""
-    cutmix: float = 0.0
-    """CutMix alpha (0 = off); with mixup > 0 too, each batch picks one of them at random."""
-    smoothing: float = 0.0
-    """Label smoothing."""
-    reprob: float = 0.0
-    """Random-erasing probability (timm's RandomErasing, per-pixel noise, on the device)."""
-
-
-@dataclass
-class DistillConfig:
-    """method.name=dmae / d2mae: MAE pre-training that also distils a frozen MAE teacher's attention."""
-
-    teacher: Optional[str] = None
-    """The teacher's checkpoint: ours, mae-lite's or facebookresearch/mae's (its decoder is dropped). Required."""
-    teacher_model: str = "vit_base_patch16"
-    """The teacher encoder (`fastvit models`); an mae_* name means its encoder. Default MAE-Base: 768-d, 12 heads."""
-    attn_weight: float = 1.0
-    """Weight of the MSE between the student's last-layer attention logits (through a 1x1 head-mixing adapter)
-    and the teacher's."""
-    hidden_layers: List[int] = field(default_factory=list)
-    """Blocks (0-based, same index in student and teacher) whose outputs are also distilled through a Linear
-    adapter; empty = off."""
-    hidden_weight: float = 1.0
-    """Weight of the hidden-state MSE (when hidden_layers is set)."""
-    decoder_block: int = 8
-    """d2mae: the decoder reconstructs from this block's output (1-based, as in mae-lite's D2-MAE)."""
 
 
 @dataclass
@@ -209,13 +160,11 @@ class TrainConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodConfig = field(default_factory=MAEConfig)
     data: PipelineConfig = field(default_factory=PipelineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
     linprobe: LinprobeConfig = field(default_factory=LinprobeConfig)
@@ -226,23 +175,10 @@ class Config:
             raise ConfigError(f"model.img_size ({m.img_size}) must be a multiple of model.patch_size ({m.patch_size})")
         if m.attn_impl not in ATTN_IMPLS:
             raise ConfigError(f"model.attn_impl: expected one of {', '.join(ATTN_IMPLS)}, got {m.attn_impl!r}")
-        if not 0.0 < self.method.mask_ratio < 1.0:
-            raise ConfigError(f"method.mask_ratio must be in (0, 1), got {self.method.mask_ratio}")
-        f = self.finetune
-        if f.global_pool not in ("avg", "token"):
-            raise ConfigError(f"finetune.global_pool: expected avg or token, got {f.global_pool!r}")
-        if not 0.0 < f.layer_decay <= 1.0:
-            raise ConfigError(f"finetune.layer_decay must be in (0, 1], got {f.layer_decay}")
-        for key in ("mixup", "cutmix", "smoothing", "reprob"):
-            if getattr(f, key) < 0:
-                raise ConfigError(f"finetune.{key} must be >= 0, got {getattr(f, key)}")
-        if f.smoothing >= 1 or f.reprob > 1:
-            raise ConfigError("finetune.smoothing must be < 1 and finetune.reprob <= 1")
-        d = self.distill
-        if d.attn_weight < 0 or d.hidden_weight < 0:
-            raise ConfigError("distill.attn_weight and distill.hidden_weight must be >= 0")
-        if d.decoder_block < 1:
-            raise ConfigError(f"distill.decoder_block must be >= 1 (1-based), got {d.decoder_block}")
+        try:
+            self.method.validate()
+        except MethodConfigError as err:
+            raise ConfigError(str(err)) from None
         if self.eval.every_epochs < 1 or self.eval.micro_batch < 1:
             raise ConfigError("eval.every_epochs and eval.micro_batch must be >= 1")
         if self.knn.k < 1 or self.knn.temperature <= 0 or self.knn.batch < 1:
@@ -302,9 +238,8 @@ class Config:
                                f"fastvit convert SRC {data}")
         elif not data.is_dir():
             missing.append(f"data folder not found: {data} (data.path; expected ROOT/<class>/<image> files)")
-        for key, value in (("eval.path", self.eval.path), ("distill.teacher", self.distill.teacher),
-                           ("engine.deepspeed_config", self.engine.deepspeed_config),
-                           ("finetune.init", None if self.finetune.init == "scratch" else self.finetune.init)):
+        for key, value in (("eval.path", self.eval.path), ("engine.deepspeed_config", self.engine.deepspeed_config),
+                           *self.method.paths().items()):
             if value and not Path(value).exists():
                 missing.append(f"{key}: not found: {value}")
         if missing:
@@ -380,12 +315,45 @@ def _merge(obj: Any, data: Dict[str, Any], where: str = "") -> None:
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in data.items():
         if key not in names:
+            if where == "" and key in LEGACY_SECTIONS:
+                raise ConfigError(f"the '{key}:' section is now part of 'method:' (e.g. {key}.{_LEGACY_EXAMPLE[key]} is "
+                                  f"method.{_LEGACY_EXAMPLE[key]}); move its keys there")
             raise _unknown_key(str(key), names, where)
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        if isinstance(current, MethodConfig):
+            setattr(obj, key, _merge_method(current, value, f"{where}{key}."))
+        elif dataclasses.is_dataclass(current):
             _merge(current, value, f"{where}{key}.")
         else:
             setattr(obj, key, _coerce(value, hints[key], f"{where}{key}"))
+
+
+_LEGACY_EXAMPLE = {"finetune": "init", "distill": "teacher"}
+
+
+def _merge_method(current: MethodConfig, data: Dict[str, Any], where: str) -> MethodConfig:
+    """A method section: its `name` picks the dataclass (the method's own section) before the other keys land."""
+    if isinstance(data, dict) and "name" in data:
+        name = _coerce(data["name"], str, f"{where}name")
+        if section_class(name) is None:
+            from .methods.configs import method_names
+
+            close = difflib.get_close_matches(name, method_names(), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}name: unknown method {name!r}{hint} Known methods: {', '.join(method_names())}")
+        try:
+            current = switch_section(current, name, data)
+        except MethodConfigError as err:
+            raise ConfigError(str(err)) from None
+        data = {k: v for k, v in data.items() if k != "name"}
+    if isinstance(data, dict):
+        names = [f.name for f in dataclasses.fields(current)]
+        for key in data:
+            if key not in names:
+                err = _unknown_key(str(key), names, where)
+                raise ConfigError(f"method {current.name!r} has no setting '{key}': {err}")
+    _merge(current, data, where)
+    return current
 
 
 def _read_recipe(path: Path, seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
@@ -464,6 +432,17 @@ def apply_overrides(cfg: Config, overrides: List[str]) -> Config:
 
 
 def config_from_dict(data: Dict[str, Any]) -> Config:
+    """A stored config (a run's config.yaml, a checkpoint's): older runs kept `finetune:` and `distill:` as
+    top-level sections; their keys are read into the method's own section."""
+    data = dict(data)
+    method = dict(data.get("method") or {})
+    for section in LEGACY_SECTIONS:
+        old = data.pop(section, None) or {}
+        cls = section_class(method.get("name", "mae"))
+        keep = {f.name for f in dataclasses.fields(cls)} if cls is not None else set()
+        method.update({k: v for k, v in old.items() if k in keep})
+    if method:
+        data["method"] = method
     cfg = Config()
     _merge(cfg, data)
     return cfg.validate()

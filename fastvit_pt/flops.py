@@ -32,9 +32,17 @@ def train_flops_per_image(method: nn.Module, batch, samples: int = 2) -> float:
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    small = type(batch)(*(None if t is None else t[:samples].detach().cpu().float() if t.is_floating_point()
-                          else t[:samples].detach().cpu() for t in (batch.images, batch.labels, getattr(batch, "keys", None))))
+    def head(t):
+        if t is None:
+            return None
+        t = t[:samples].detach().cpu()
+        return t.float() if t.is_floating_point() else t
+
+    small = type(batch)(*(head(t) for t in (batch.images, batch.labels, getattr(batch, "keys", None))),
+                        **({"more_views": [head(v) for v in batch.more_views]} if getattr(batch, "more_views", None) else {}))
     clone = copy.deepcopy(method).cpu().float().train()
+    if hasattr(clone, "place_held"):  # modules a method holds outside its tree (a momentum encoder) move too
+        clone.place_held(torch.device("cpu"))
     for m in clone.modules():  # the CPU's fused attention kernel escapes the counter; explicit matmuls do not
         if hasattr(m, "attn_impl"):
             m.attn_impl = "math"

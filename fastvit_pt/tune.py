@@ -64,7 +64,7 @@ def tune(recipe: str, overrides: Sequence[str] = (), budget_s: float = 300.0, ra
     import pipelines
 
     from .config import load_config
-    from .distributed.base import DTYPES
+    from .engine.plan import DTYPES
     from .distributed.env import pick_device, resolve_precision
 
     cfg = load_config(recipe, list(overrides))
@@ -90,7 +90,7 @@ def tune(recipe: str, overrides: Sequence[str] = (), budget_s: float = 300.0, ra
     def build(setting: Dict):
         data = dataclasses.replace(cfg.data, **setting)
         return pipelines.build_loader(data, img_size=cfg.model.img_size, batch_size=cfg.train.micro_batch, seed=0,
-                                      device=device, dtype=DTYPES[precision], train=True)
+                                      device=device, dtype=DTYPES[precision], train=True, views=cfg.method.views())
 
     done = 0
     for name, values in knobs:

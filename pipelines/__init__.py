@@ -2,19 +2,22 @@
 
     loader = build_loader(cfg, img_size=224, batch_size=64, device="cuda", dtype=torch.bfloat16)
     for batch in loader: ...   # Batch(images=[N, 3, 224, 224] normalised on the device, labels=[N], keys=[N])
+
+Several crops of each sample (self-supervised methods): views=[ViewConfig(...), ...], one tensor per view in
+Batch.views (view 0 is Batch.images), photometric ops per view on the device (pipelines.photometric).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from .config import BACKENDS, PipelineConfig, backend_for
+from .config import BACKENDS, PipelineConfig, ViewConfig, backend_for
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from .base import Loader
 
-__all__ = ["BACKENDS", "PipelineConfig", "backend_for", "build_loader"]
+__all__ = ["BACKENDS", "PipelineConfig", "ViewConfig", "backend_for", "build_loader"]
 
 
 def build_loader(
@@ -30,13 +33,19 @@ def build_loader(
     train: bool = True,
     drop_last: bool = True,
     shuffle: "bool | None" = None,
+    views: Optional[Sequence[ViewConfig]] = None,
 ) -> "Loader":
     """Build the configured backend. Heavy libraries are imported here, only for the backend asked for.
-    train picks the augmentation (training crops vs resize + center crop); shuffle defaults to train."""
+    train picks the augmentation (training crops vs resize + center crop); shuffle defaults to train.
+    views: None = one view as cfg describes it (img_size); else one output per ViewConfig, in Batch.views, each
+    cropped from the same sample (evaluation: each a centre crop at its size, no photometric ops)."""
     import torch
 
     cfg.validate()
     from .base import LoaderArgs
+    from .config import resolve_views
+
+    resolved = tuple(resolve_views(cfg, views, img_size))
 
     args = LoaderArgs(
         img_size=img_size,
@@ -49,6 +58,7 @@ def build_loader(
         train=train,
         drop_last=drop_last,
         shuffle=train if shuffle is None else shuffle,
+        views=resolved,
     )
     if cfg.backend == "torchvision":
         from .torchvision_loader import TorchvisionLoader

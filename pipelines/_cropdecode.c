@@ -17,9 +17,9 @@
  * resize it (pixels outside the box never contribute).
  *
  * Randomness: the box, the filter and the flip are drawn from the sample's key (pipelines.base.sample_seed,
- * recomputed here from seed, epoch and index) with splitmix64, following torchvision's
- * RandomResizedCrop.get_params (10 attempts, then the ratio-clamped centre crop). pipelines/cropdecode.py
- * holds the Python twin of the sampler; tests check the two agree.
+ * recomputed here from seed, epoch and index; plus a view's offset in a multi-view batch) with splitmix64,
+ * following torchvision's RandomResizedCrop.get_params (10 attempts, then the ratio-clamped centre crop).
+ * pipelines/cropdecode.py holds the Python twin of the sampler; tests check the two agree.
  *
  * Errors never produce an image silently: libjpeg's fatal errors and its corrupt-data warnings (premature
  * end of file, a marker inside entropy-coded data) return a negative code and a message.
@@ -667,17 +667,19 @@ __attribute__((target_clones("avx2", "default"))) static void normalize_chw(cons
     }
 }
 
-/* One sample of a batch, everything from its index: the key (seed, *epoch, index), the box (train: RRC
+/* One sample of a batch, everything from its index: the key (seed, *epoch, index) + key_add, the box (train: RRC
  * draws; eval: centre crop), decode or resample. kind: 0 JPEG, 1 raw pixels (height x width x 3).
  * aug: [scale lo, hi, ratio lo, hi, hflip, eval ratio, mean x 255 (3), 1 / (std x 255) (3)].
  * out_kind: 0 uint8 [out_h][out_w][3] (for a copy to a GPU: 4x fewer bytes than fp32), 1 fp32 or 2 bf16
  * normalised [3][out_h][out_w] (when the batch stays on the host: normalised here, in the decoding threads).
  * On failure the sample's index is stored into *error_index (the first failure wins), the slot is zeroed and
  * the code returned: FFCV's batch thread cannot raise (an exception there would leave the consumer waiting
- * forever), so the loaders check error_index after each batch and raise naming the sample. */
-int fv_sample(const uint8_t *data, int64_t size, int32_t kind, int32_t height, int32_t width, int64_t seed,
-              const int64_t *epoch, int64_t index, int32_t train, const double *aug, int32_t filter_mode,
-              int32_t out_kind, void *out, int32_t out_h, int32_t out_w, int64_t *error_index) {
+ * forever), so the loaders check error_index after each batch and raise naming the sample.
+ * key_add is a multi-view batch's view offset (pipelines.base.view_key: view v's key is the sample's key +
+ * v x VIEW_STRIDE, wrapping), 0 for view 0 and single-view batches. */
+int fv_sample_view(const uint8_t *data, int64_t size, int32_t kind, int32_t height, int32_t width, int64_t seed,
+                   const int64_t *epoch, int64_t index, int32_t train, const double *aug, int32_t filter_mode,
+                   int32_t out_kind, void *out, int32_t out_h, int32_t out_w, int64_t *error_index, int64_t key_add) {
     int32_t params[6];
     if (kind == 0 && (height <= 0 || width <= 0)) { /* a file from a folder: its size is in its header */
         int32_t wh[2];
@@ -689,7 +691,8 @@ int fv_sample(const uint8_t *data, int64_t size, int32_t kind, int32_t height, i
         }
     }
     if (train) {
-        int64_t key = fv_sample_seed(seed, *epoch, index);
+        /* unsigned: the sum wraps like pipelines.base.view_key's int64 arithmetic, without signed overflow */
+        int64_t key = (int64_t)((uint64_t)fv_sample_seed(seed, *epoch, index) + (uint64_t)key_add);
         fv_rrc_params(key, height, width, aug[0], aug[1], aug[2], aug[3], aug[4], filter_mode, params);
     } else {
         fv_center_params(height, width, aug[5], params);
@@ -714,6 +717,14 @@ int fv_sample(const uint8_t *data, int64_t size, int32_t kind, int32_t height, i
         memset(out, 0, n * (out_kind == 0 ? 1 : out_kind == 1 ? 4 : 2));
     }
     return rc;
+}
+
+/* fv_sample_view for view 0: the single-view entry point, kept for callers built against it */
+int fv_sample(const uint8_t *data, int64_t size, int32_t kind, int32_t height, int32_t width, int64_t seed,
+              const int64_t *epoch, int64_t index, int32_t train, const double *aug, int32_t filter_mode,
+              int32_t out_kind, void *out, int32_t out_h, int32_t out_w, int64_t *error_index) {
+    return fv_sample_view(data, size, kind, height, width, seed, epoch, index, train, aug, filter_mode, out_kind,
+                          out, out_h, out_w, error_index, 0);
 }
 
 /* a module so that the build and `import pipelines._cropdecode` locate the library; calls go through ctypes */

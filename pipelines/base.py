@@ -5,14 +5,20 @@ Contract: `images` are [N, C, H, W] on the target device, in the compute dtype, 
 (seed, epoch, sample index) only, from which a method draws its per-sample randomness (MAE's masks), so that
 a sample gets the same draws whatever the rank count, micro-batch size or backend. Backends move uint8 over the bus (4x fewer bytes than fp32)
 and normalise on the device.
+
+Multi-view batches (`build_loader(views=[ViewConfig, ...])`, for self-supervised methods): `images` is view 0 and
+`more_views` holds views 1.. in order, one [N, C, h_v, w_v] tensor each (views of different sizes cannot share
+a tensor); `Batch.views` lists them all. Sample i of every view is the same source image. View v's random draws
+(crop, flip, filter; the photometric ops of `pipelines.photometric`) come from `view_key(key, v)`, so view 0 of a
+multi-view loader is bit for bit what a single-view loader yields, and `keys` stays the samples' own keys.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import sys
-from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,9 +36,27 @@ class Batch:
     """[N] int64 class indices, on the device."""
     keys: Optional[torch.Tensor] = None
     """[N] int64 per-sample seeds (`sample_seeds`), on the device; None where a source has no sample indices."""
+    more_views: List[torch.Tensor] = field(default_factory=list)
+    """Views 1.. of a multi-view batch, each [N, C, h_v, w_v] like `images`; empty for a single view."""
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    @property
+    def views(self) -> List[torch.Tensor]:
+        """[images, *more_views]: every view of the batch, view 0 first."""
+        return [self.images, *self.more_views]
+
+
+@dataclass
+class HostView:
+    """One more view of a batch as a backend hands it to DeviceNormalize: its own layout and ownership (a view
+    with photometric ops arrives as uint8 while view 0 may arrive already normalised)."""
+
+    images: torch.Tensor
+    nhwc: bool = False
+    borrowed: bool = False
+    normalized: bool = False
 
 
 class DeviceNormalize:
@@ -43,28 +67,37 @@ class DeviceNormalize:
     borrowed=True: the host buffers belong to the backend, which refills them as soon as this returns (FFCV's
     ring of batch slots). On CUDA the copy then runs on a side stream and the host waits for that copy (not for
     the queued compute) before returning, so a refill can never race a copy still in flight; the compute
-    stream waits on the copy stream instead of the host."""
+    stream waits on the copy stream instead of the host.
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], device, dtype: torch.dtype = torch.float32):
+    photometric[v], where given and not None, is view v's photometric stage (`pipelines.photometric`): it runs on
+    the device on the float 0..255 pixels, with view v's keys, right before the normalisation."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device, dtype: torch.dtype = torch.float32,
+                 photometric: Sequence[Optional[Callable]] = ()):
         self.device = torch.device(device)
         self.dtype = dtype
         self.mean = torch.tensor([m * 255.0 for m in mean], device=self.device).view(1, -1, 1, 1)
         self.inv_std = torch.tensor([1.0 / (s * 255.0) for s in std], device=self.device).view(1, -1, 1, 1)
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.photometric = list(photometric)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, keys: Optional[torch.Tensor] = None, *,
-                 nhwc: bool = False, borrowed: bool = False, normalized: bool = False) -> Batch:
-        if normalized:  # a decoder already wrote [N, C, H, W] in the compute dtype on the host (`host_output`)
-            if self.copy_stream is not None or images.dtype != self.dtype:
-                raise TypeError(f"normalised host batches are for a CPU device in {self.dtype}, got {images.dtype} "
-                                f"for {self.device}")
-            return Batch(images.clone() if borrowed else images, labels.to(torch.int64, copy=True),
-                         None if keys is None else keys.to(torch.int64, copy=True))
-        if images.dtype != torch.uint8:
-            raise TypeError(f"a pipeline must hand uint8 images to DeviceNormalize, got {images.dtype}")
+                 nhwc: bool = False, borrowed: bool = False, normalized: bool = False,
+                 more_views: Sequence[HostView] = ()) -> Batch:
+        views = [HostView(images, nhwc, borrowed, normalized), *more_views]
+        for v, hv in enumerate(views):
+            if hv.normalized:  # a decoder already wrote [N, C, H, W] in the compute dtype on the host (`host_output`)
+                if self.copy_stream is not None or hv.images.dtype != self.dtype:
+                    raise TypeError(f"normalised host batches are for a CPU device in {self.dtype}, got "
+                                    f"{hv.images.dtype} for {self.device}")
+                if self._stage(v) is not None:
+                    raise TypeError(f"view {v} has photometric ops, which run before normalising: its decoder must "
+                                    "hand uint8 (see pipelines.base.view_output)")
+            elif hv.images.dtype != torch.uint8:
+                raise TypeError(f"a pipeline must hand uint8 images to DeviceNormalize, got {hv.images.dtype}")
         if self.copy_stream is None:
             # copy=True: on the CPU an int64 .to() would alias a buffer the backend reuses; a Batch owns its memory
-            x = images
+            xs = [hv.images for hv in views]
             y = labels.to(self.device, dtype=torch.int64, copy=True)
             k = None if keys is None else keys.to(self.device, dtype=torch.int64, copy=True)
         else:
@@ -72,17 +105,25 @@ class DeviceNormalize:
             # stream, so blocks compute freed are not handed to the copy; record_stream below guards the reverse)
             compute = torch.cuda.current_stream(self.device)
             with torch.cuda.stream(self.copy_stream):
-                x = images.to(self.device, non_blocking=True)
+                xs = [hv.images.to(self.device, non_blocking=True) for hv in views]
                 y = labels.to(self.device, dtype=torch.int64, non_blocking=True, copy=True)
                 k = None if keys is None else keys.to(self.device, dtype=torch.int64, non_blocking=True, copy=True)
             copied = torch.cuda.Event(blocking=True)  # synchronize() sleeps instead of spinning a decoding core
             copied.record(self.copy_stream)
             compute.wait_event(copied)
-            for t in (x, y, k):
+            for t in (*xs, y, k):
                 if t is not None:
                     t.record_stream(compute)  # allocated on the copy stream, used on the compute stream
-            if borrowed:
+            if any(hv.borrowed for hv in views):
                 copied.synchronize()  # the slot is free once the bytes are on the device
+        out = [(x.clone() if hv.borrowed else x) if hv.normalized else self._normalize(x, hv.nhwc, k, v)
+               for v, (hv, x) in enumerate(zip(views, xs))]
+        return Batch(out[0], y, k, out[1:])
+
+    def _stage(self, v: int) -> Optional[Callable]:
+        return self.photometric[v] if v < len(self.photometric) else None
+
+    def _normalize(self, x: torch.Tensor, nhwc: bool, keys: Optional[torch.Tensor], v: int) -> torch.Tensor:
         if nhwc:
             x = x.permute(0, 3, 1, 2)
         # one fp32 buffer, contiguous NCHW, written by the uint8 -> fp32 copy (the transpose rides along) and then
@@ -90,8 +131,13 @@ class DeviceNormalize:
         out = fresh_host_batch(x.shape, torch.float32) if self.copy_stream is None else torch.empty(
             x.shape, dtype=torch.float32, device=self.device)
         out.copy_(x)
+        stage = self._stage(v)
+        if stage is not None:
+            if keys is None:
+                raise ValueError(f"view {v}'s photometric ops draw from the samples' keys, and this batch has none")
+            out = stage(out, view_key(keys, v))
         out.sub_(self.mean).mul_(self.inv_std)
-        return Batch(out if self.dtype == torch.float32 else out.to(self.dtype), y, k)
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
 
 
 def host_output(device: torch.device, dtype: torch.dtype) -> str:
@@ -102,6 +148,12 @@ def host_output(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         return "float32" if dtype == torch.float32 else "bfloat16"
     return "uint8"
+
+
+def view_output(device: torch.device, dtype: torch.dtype, view, train: bool) -> str:
+    """`host_output` for one view: uint8 where the view's photometric ops will run (they work on pixels, before
+    the normalisation on the device), else the fast path."""
+    return "uint8" if train and view.photometric else host_output(device, dtype)
 
 
 # A batch that stays on the host is fresh memory every time (38 MB for 64 fp32 images at 224 px): first touched
@@ -150,6 +202,20 @@ class LoaderArgs:
     train: bool
     drop_last: bool
     shuffle: bool
+    views: tuple = ()
+    """The resolved ViewConfigs (config.resolve_views: no field left None, size set); () = one default view."""
+
+    def view_list(self, cfg) -> list:
+        """The views to produce: `views`, or the single view a PipelineConfig describes."""
+        from .config import resolve_views
+
+        return list(self.views) or resolve_views(cfg, None, self.img_size)
+
+    def photometric_stages(self, views) -> list:
+        """DeviceNormalize's per-view photometric stages: only when training, only for views that have any."""
+        from .photometric import Photometric
+
+        return [Photometric(v) if self.train and v.photometric else None for v in views]
 
 
 _K_SEED, _K_EPOCH, _K_INDEX = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -171,6 +237,34 @@ def sample_seeds(seed: int, epoch: int, indices) -> torch.Tensor:
         h = base + idx * np.uint64(_K_INDEX)
     h ^= h >> np.uint64(31)
     return torch.from_numpy((h & np.uint64(2**63 - 1)).astype(np.int64))
+
+
+VIEW_STRIDE = 0xD1B54A32D192ED03
+"""view_key's step. Not splitmix64's increment 0x9E3779B97F4A7C15: the crop sampler walks its key by that
+increment (draw j = mix(key + (j + 1) x 0x9E37...)), so key + 0x9E37... would make view 1's draws view 0's
+stream shifted by one (view 1's flip = view 0's filter draw, its crop area = view 0's aspect draw)."""
+_M64 = 2**64 - 1
+
+
+def _int64(u: int) -> int:
+    """The int64 with u's low 64 bits (two's complement)."""
+    u &= _M64
+    return u - 2**64 if u >= 2**63 else u
+
+
+def view_key_offset(view: int) -> int:
+    """What view_key adds for view v, as an int64 (the crop decoder's key_add)."""
+    return _int64(view * VIEW_STRIDE)
+
+
+def view_key(key, view: int):
+    """The key view `view` of a sample draws its randomness from: key + view x VIEW_STRIDE, wrapping int64
+    arithmetic; view 0 is the key itself. key: a Python int, or an int64 tensor (vectorised, on its device)."""
+    if view == 0:
+        return key
+    if isinstance(key, torch.Tensor):
+        return key + view_key_offset(view)  # int64 tensor addition wraps (two's complement)
+    return _int64(key + view_key_offset(view))
 
 
 def shard_indices(n: int, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:

@@ -6,8 +6,9 @@ Runtime facts (rank, world size, device, compute dtype, batch size, crop size) a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Tuple
+import math
+from dataclasses import dataclass, replace
+from typing import List, Optional, Sequence, Tuple
 
 BACKENDS = ("torchvision", "ffcv", "dali", "turbo")
 FFCV_DECODERS = ("crop", "stock")
@@ -85,6 +86,108 @@ class PipelineConfig:
             raise ValueError(f"data.workers: must be >= 0, got {self.workers}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"data.std: every value must be > 0, got {self.std}")
+
+
+@dataclass
+class ViewConfig:
+    """One crop of each sample in a multi-view batch (MoCo-v3: two 224-px views; DINO: 2 global + N local).
+
+    Geometry (RandomResizedCrop, flip, filter) runs in the backend's decoder; the photometric ops (colour jitter,
+    grayscale, blur, solarize, in MoCo-v3's order) run once per batch on the device, `pipelines.photometric`,
+    and only when training. Every random draw comes from the view's key (`base.view_key`)."""
+
+    size: int = 0
+    """Output side in pixels; 0 = the loader's img_size."""
+    crop_scale: Optional[Tuple[float, float]] = None
+    """RandomResizedCrop area range (fraction of the source); None = the PipelineConfig's crop_scale."""
+    crop_ratio: Optional[Tuple[float, float]] = None
+    """RandomResizedCrop aspect-ratio range (w/h); None = the PipelineConfig's crop_ratio."""
+    hflip: Optional[float] = None
+    """Probability of a horizontal flip; None = the PipelineConfig's hflip."""
+    color_jitter: float = 0.0
+    """Probability of applying colour jitter (brightness, contrast, saturation, hue in a random order per sample)."""
+    brightness: float = 0.4
+    """Jitter brightness: factor ~ U[max(0, 1 - b), 1 + b], as torchvision's ColorJitter."""
+    contrast: float = 0.4
+    """Jitter contrast: factor ~ U[max(0, 1 - c), 1 + c]."""
+    saturation: float = 0.2
+    """Jitter saturation: factor ~ U[max(0, 1 - s), 1 + s]."""
+    hue: float = 0.1
+    """Jitter hue: shift ~ U[-h, h] of a full turn; at most 0.5."""
+    grayscale: float = 0.0
+    """Probability of grayscale (torchvision's 0.2989 / 0.587 / 0.114 luma, replicated to 3 channels)."""
+    blur: float = 0.0
+    """Probability of a Gaussian blur (kernel 2 ceil(3 sigma_max) + 1, reflect padding)."""
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    """Blur sigma range in output pixels, sigma ~ U[low, high] per sample."""
+    solarize: float = 0.0
+    """Probability of solarizing (pixels >= 128 become 255 - x, PIL's ImageOps.solarize)."""
+
+    @property
+    def photometric(self) -> bool:
+        """Whether any photometric op can fire: such a view goes to the device as uint8 (never pre-normalised)."""
+        return any(p > 0 for p in (self.color_jitter, self.grayscale, self.blur, self.solarize))
+
+    def validate(self, where: str = "view") -> None:
+        """ValueError naming `where`.field (data.views[1].hue, say) and what was expected."""
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
+            raise ValueError(f"{where}.size: a side in pixels >= 0 is expected (0 = the loader's img_size), got "
+                             f"{self.size!r}")
+        if self.crop_scale is not None:
+            lo, hi = _pair(self.crop_scale, f"{where}.crop_scale")
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(f"{where}.crop_scale: need 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.crop_ratio is not None:
+            lo, hi = _pair(self.crop_ratio, f"{where}.crop_ratio")
+            if not 0.0 < lo <= hi:
+                raise ValueError(f"{where}.crop_ratio: need 0 < low <= high, got {self.crop_ratio}")
+        for name in ("hflip", "color_jitter", "grayscale", "blur", "solarize"):
+            p = getattr(self, name)
+            if p is not None and not 0.0 <= p <= 1.0:
+                raise ValueError(f"{where}.{name}: a probability in [0, 1] is expected, got {p}")
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{where}.{name}: a jitter strength >= 0 is expected, got {getattr(self, name)}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"{where}.hue: a shift in [0, 0.5] of a turn is expected, got {self.hue}")
+        lo, hi = _pair(self.blur_sigma, f"{where}.blur_sigma")
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"{where}.blur_sigma: need 0 < low <= high, got {self.blur_sigma}")
+
+
+def resolve_views(cfg: PipelineConfig, views: Optional[Sequence[ViewConfig]], img_size: int) -> List[ViewConfig]:
+    """Each view validated (errors name views[i].field) with nothing left to a default: size, crop ranges and
+    flip taken from img_size and cfg where unset. None = the one view cfg describes (no photometric ops)."""
+    if views is None:
+        views = [ViewConfig()]
+    elif isinstance(views, ViewConfig) or not len(views):
+        raise ValueError(f"views: a non-empty sequence of ViewConfig is expected (None = one view), got {views!r}")
+    out = []
+    for i, v in enumerate(views):
+        if not isinstance(v, ViewConfig):
+            raise ValueError(f"views[{i}]: a ViewConfig is expected, got {type(v).__name__}")
+        v.validate(f"views[{i}]")
+        size, radius = v.size or img_size, math.ceil(3 * v.blur_sigma[1])
+        if v.blur > 0 and radius >= size:
+            raise ValueError(f"views[{i}].blur_sigma: the blur kernel's radius ceil(3 x {v.blur_sigma[1]}) = {radius} "
+                             f"must be below the view's size, {size} px (reflect padding)")
+        out.append(replace(
+            v,
+            size=size,
+            crop_scale=tuple(cfg.crop_scale if v.crop_scale is None else v.crop_scale),
+            crop_ratio=tuple(cfg.crop_ratio if v.crop_ratio is None else v.crop_ratio),
+            hflip=cfg.hflip if v.hflip is None else v.hflip,
+            blur_sigma=tuple(v.blur_sigma),
+        ))
+    return out
+
+
+def _pair(value, where: str) -> Tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: a (low, high) pair of numbers is expected, got {value!r}") from None
+    return lo, hi
 
 
 FOLDER_BACKENDS = ("torchvision", "dali", "turbo")

@@ -6,8 +6,9 @@ or not, straight into a sample's slot of the batch. Its functions are plain C ca
 FFCV backend calls them from numba code in FFCV's threads and the turbo backend from a thread pool (ctypes
 releases the GIL).
 
-The crop box, filter and flip are a function of the sample's key (`base.sample_seed`): `rrc_params` here is
-the Python twin of the C sampler, used by tests and by anything that wants the box a sample will get.
+The crop box, filter and flip are a function of the sample's key (`base.sample_seed`; view v of a multi-view
+batch: `base.view_key(key, v)`): `rrc_params` here is the Python twin of the C sampler, used by tests and by
+anything that wants the box a sample will get.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ _FILTER_MODES = {"bilinear": 0, "bicubic": 1, "random": 2}
 # fv_sample(data, size, kind, height, width, seed, *epoch, index, train, *args, filter_mode, out_kind, *out, out_h,
 # out_w, *error_index); pointers travel as integers (an array's .ctypes.data), which is also how numba passes them
 _SAMPLE_ARGS = [ctypes.c_int64] * 16
+# fv_sample_view: the same, then key_add (`base.view_key_offset(v)`, added to the key with wraparound)
+_SAMPLE_VIEW_ARGS = [ctypes.c_int64] * 17
 
 
 def _load() -> ctypes.CDLL:
@@ -52,8 +55,13 @@ def _load() -> ctypes.CDLL:
                                   ctypes.c_char_p, ctypes.c_int32]
     lib.fv_resample_box.argtypes = [u8p, ctypes.c_int32, ctypes.c_int32, i32p, u8p, ctypes.c_int32, ctypes.c_int32]
     lib.fv_sample.argtypes = _SAMPLE_ARGS
+    try:
+        lib.fv_sample_view.argtypes = _SAMPLE_VIEW_ARGS
+    except AttributeError:  # a library built before multi-view batches
+        raise ImportError(f"the crop decoder at {spec.origin} predates pipelines/_cropdecode.c's fv_sample_view; "
+                          "rebuild it with `make setup` or `pip install -e .`") from None
     lib.fv_set_simd.argtypes = [ctypes.c_int32]
-    for name in ("fv_jpeg_size", "fv_decode_box", "fv_resample_box", "fv_sample", "fv_set_simd"):
+    for name in ("fv_jpeg_size", "fv_decode_box", "fv_resample_box", "fv_sample", "fv_sample_view", "fv_set_simd"):
         getattr(lib, name).restype = ctypes.c_int32
     return lib
 
@@ -63,6 +71,10 @@ LIB = _load()
 SAMPLE = LIB.fv_sample
 """One sample into its slot of a batch (see fv_sample in _cropdecode.c). Callable from Python (ctypes releases
 the GIL: threads decode in parallel) and from numba code (FFCV's operations call C through ctypes there)."""
+
+SAMPLE_VIEW = LIB.fv_sample_view
+"""SAMPLE with one more argument, the view's key offset (`base.view_key_offset`): view v of a multi-view batch
+is drawn from view_key(key, v) exactly as view 0 is from the key (offset 0 is SAMPLE)."""
 
 ERR_COLOR = -4
 """fv_sample's code for a CMYK or YCCK JPEG (the crop decoder writes RGB from YCbCr or greyscale only)."""

@@ -10,6 +10,11 @@ so epoch e's batches are a function of (seed, epoch, rank) whatever ran before: 
 DALI stops at the first undecodable file. A truncated image is reported by name (DecodeError); a file cut
 inside its JPEG header makes DALI 2.4.0 abandon the pipeline without naming it, and can crash the process.
 Feed it trees that have been validated (or use the torchvision backend to find the file).
+
+Multi-view batches: each file is read once and every view is its own output, ROI-decoded by its own
+image_random_crop (decoding a view's window only, per view, instead of the whole image once). DALI's crops are
+not keyed: each view's random operators draw from their own Philox streams, moved per epoch like view 0's (see
+_epoch_rng_state); the photometric ops, which run after DALI (pipelines.photometric), are keyed as everywhere.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from .base import (
     Batch,
     DecodeError,
     DeviceNormalize,
+    HostView,
     Loader,
     LoaderArgs,
     batches_per_epoch,
@@ -35,7 +41,7 @@ from .base import (
     sample_seeds,
     shard_indices,
 )
-from .config import EVAL_CROP_RATIO, PipelineConfig, parse_randaugment
+from .config import EVAL_CROP_RATIO, PipelineConfig, ViewConfig, parse_randaugment
 from .folder import scan_folder
 
 _FILTERS = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
@@ -69,33 +75,45 @@ def _decoder_args(cfg: PipelineConfig, gpu: bool, hint: Optional[Tuple[int, int]
     return decoder
 
 
-def _graph(paths, cfg: PipelineConfig, img_size: int, train: bool, gpu: bool, hint: Optional[Tuple[int, int]]):
-    """paths (encoded file names) -> read -> decode (+ random crop) -> resize -> flip -> uint8 CHW."""
+def _graph(paths, cfg: PipelineConfig, views: Sequence[ViewConfig], train: bool, gpu: bool,
+           hint: Optional[Tuple[int, int]]):
+    """paths (encoded file names) -> read -> per view: decode (+ random crop) -> resize -> flip -> uint8 CHW."""
     jpegs = fn.io.file.read(paths)  # DALI's threads read the files; the Python source only names them
     decoder = _decoder_args(cfg, gpu, hint)
     if train:
-        # with device="mixed" this is nvJPEG ROI decoding: only the crop window is decoded ("When possible,
-        # the operator uses the ROI decoding, reducing the decoding time and memory consumption", DALI docs,
-        # fn.decoders.image_random_crop); a separate decode + crop would decode the whole image
-        imgs = fn.decoders.image_random_crop(
-            jpegs, random_area=list(cfg.crop_scale), random_aspect_ratio=list(cfg.crop_ratio), num_attempts=10, **decoder
-        )
-        if cfg.interpolation == "random":  # a filter drawn per sample, as mae-lite's RandomResizedCropAndInterpolation
-            pick = fn.random.choice([int(_FILTERS["bilinear"]), int(_FILTERS["bicubic"])])
-            interp = fn.cast(pick, dtype=types.INTERP_TYPE)
-        else:
-            interp = _FILTERS[cfg.interpolation]
-        imgs = fn.resize(imgs, resize_x=img_size, resize_y=img_size, interp_type=interp, antialias=True)
-        mirror = fn.random.coin_flip(probability=cfg.hflip)
-        if cfg.randaugment:  # timm's m0..m10 scale = DALI's magnitude bins 0..10
-            from nvidia.dali.auto_aug import rand_augment
-
-            n, m = parse_randaugment(cfg.randaugment)
-            imgs = fn.flip(imgs, horizontal=mirror)
-            imgs = rand_augment.rand_augment(imgs, n=n, m=m, num_magnitude_bins=11)
-            mirror = 0
-        return fn.crop_mirror_normalize(imgs, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
+        # DALI's crops are not keyed (per-sample keys exist only for the photometric ops): each view's random
+        # operators draw from their own Philox streams, moved per epoch like view 0's. Views are built one after
+        # the other, so view 0's operators are created first and keep the seeds a single-view graph gives them
+        return tuple(_train_view(jpegs, cfg, v, decoder) for v in views)
     imgs = fn.decoders.image(jpegs, **decoder)
+    return tuple(_eval_view(imgs, v.size) for v in views)
+
+
+def _train_view(jpegs, cfg: PipelineConfig, view: ViewConfig, decoder: dict):
+    # with device="mixed" this is nvJPEG ROI decoding: only the crop window is decoded ("When possible,
+    # the operator uses the ROI decoding, reducing the decoding time and memory consumption", DALI docs,
+    # fn.decoders.image_random_crop); a separate decode + crop would decode the whole image
+    imgs = fn.decoders.image_random_crop(
+        jpegs, random_area=list(view.crop_scale), random_aspect_ratio=list(view.crop_ratio), num_attempts=10, **decoder
+    )
+    if cfg.interpolation == "random":  # a filter drawn per sample, as mae-lite's RandomResizedCropAndInterpolation
+        pick = fn.random.choice([int(_FILTERS["bilinear"]), int(_FILTERS["bicubic"])])
+        interp = fn.cast(pick, dtype=types.INTERP_TYPE)
+    else:
+        interp = _FILTERS[cfg.interpolation]
+    imgs = fn.resize(imgs, resize_x=view.size, resize_y=view.size, interp_type=interp, antialias=True)
+    mirror = fn.random.coin_flip(probability=view.hflip)
+    if cfg.randaugment:  # timm's m0..m10 scale = DALI's magnitude bins 0..10
+        from nvidia.dali.auto_aug import rand_augment
+
+        n, m = parse_randaugment(cfg.randaugment)
+        imgs = fn.flip(imgs, horizontal=mirror)
+        imgs = rand_augment.rand_augment(imgs, n=n, m=m, num_magnitude_bins=11)
+        mirror = 0
+    return fn.crop_mirror_normalize(imgs, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
+
+
+def _eval_view(imgs, img_size: int):
     imgs = fn.resize(imgs, resize_shorter=int(round(img_size / EVAL_CROP_RATIO)), interp_type=types.INTERP_CUBIC, antialias=True)
     return fn.crop_mirror_normalize(imgs, dtype=types.UINT8, output_layout="CHW", crop=(img_size, img_size))
 
@@ -130,7 +148,8 @@ class DaliLoader(Loader):
         self.rank, self.world_size, self.seed, self.shuffle, self.drop_last = a.rank, a.world_size, a.seed, a.shuffle, a.drop_last
         self.samples, self.classes = scan_folder(cfg.path)
         self.num_samples = len(self.samples)
-        self.to_device = DeviceNormalize(cfg.mean, cfg.std, a.device, a.dtype)
+        self.views = a.view_list(cfg)
+        self.to_device = DeviceNormalize(cfg.mean, cfg.std, a.device, a.dtype, a.photometric_stages(self.views))
         self.gpu = self.to_device.device.type == "cuda"
         self.epoch = 0
         self._source = _EpochSource()
@@ -164,7 +183,7 @@ class DaliLoader(Loader):
         )
         def pipe():
             paths = fn.external_source(source=source, batch=True, batch_info=True, dtype=types.UINT8, ndim=1)
-            return _graph(paths, self.cfg, self.img_size, self.train, self.gpu, hint)
+            return _graph(paths, self.cfg, self.views, self.train, self.gpu, hint)
 
         p = pipe()
         p.build()
@@ -217,14 +236,18 @@ class DaliLoader(Loader):
         try:
             for b in range(n):
                 try:
-                    (out,) = pipe.run()
+                    outs = pipe.run()
                 except RuntimeError as err:  # DALI reports a bad file inside a long C++ message
                     self._pipe = None  # "Current pipeline object is no longer valid"
                     raise _decode_error(err, self._source.batches[b]) from None
                 # outside the try: a CUDA error in the copy or normalisation is not a decode error
-                images = _to_torch(out.as_tensor())  # before the next run() recycles DALI's buffer
-                rows = slice(b * bs, b * bs + images.shape[0])
-                yield self.to_device(images, labels[rows], keys[rows])
+                images = [_to_torch(out.as_tensor()) for out in outs]  # before the next run() recycles DALI's buffers
+                rows = slice(b * bs, b * bs + images[0].shape[0])
+                if len(images) == 1:
+                    yield self.to_device(images[0], labels[rows], keys[rows])
+                else:
+                    yield self.to_device(images[0], labels[rows], keys[rows],
+                                         more_views=[HostView(x) for x in images[1:]])
         finally:
             self._end_epoch(pipe)
 

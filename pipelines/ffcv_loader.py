@@ -17,6 +17,10 @@ Decoding (data.ffcv_decoder):
          are not reproducible run to run; the data order is), and decodes a corrupt JPEG to whatever
          libjpeg-turbo left in the buffer without a word. Kept as the reference for benchmarks.
 Either way the pixels stay channels-last on the host and are transposed on the device.
+
+Multi-view batches: one PipelineSpec per view, each with its own decoder over the same "image" field (crop: a
+CropDecode with the view's size, ranges and key offset, `base.view_key`; stock: a RandomResizedCrop decoder and a
+flip per view). FFCV yields the field outputs first (image, label), then the extra views in order.
 """
 from __future__ import annotations
 
@@ -32,8 +36,8 @@ import numba
 import numpy as np
 import torch
 
-from .base import (Batch, DecodeError, DeviceNormalize, Loader, LoaderArgs, advise_hugepages, host_output, pinned,
-                   sample_seeds, shard_indices, torch_threads_kept)
+from .base import (Batch, DecodeError, DeviceNormalize, HostView, Loader, LoaderArgs, advise_hugepages, pinned,
+                   sample_seeds, shard_indices, torch_threads_kept, view_key_offset, view_output)
 from .beton import manifest_path
 from .config import EVAL_CROP_RATIO, PipelineConfig
 
@@ -70,11 +74,13 @@ class CropDecode(Operation):
     array the loader sets before each epoch, and a failure stores the sample index into another one, which
     the loader checks after every batch."""
 
-    def __init__(self, size, aug, train: bool, seed: int, out: str = "uint8", mean=(0.0,) * 3, std=(1.0 / 255.0,) * 3):
+    def __init__(self, size, aug, train: bool, seed: int, out: str = "uint8", mean=(0.0,) * 3, std=(1.0 / 255.0,) * 3,
+                 key_add: int = 0):
         from . import cropdecode  # the C library: only where the crop decoder is asked for
 
         super().__init__()
         self.size, self.aug, self.train, self.seed = (int(size[0]), int(size[1])), aug, train, seed
+        self.key_add = key_add  # view v of a multi-view batch: base.view_key_offset(v)
         self.out_kind = cropdecode.OUT_KINDS[out]
         self.aug_array = aug.as_array(mean, std)
         self.epoch = np.zeros(1, dtype=np.int64)
@@ -93,10 +99,11 @@ class CropDecode(Operation):
     def generate_code(self):
         from . import cropdecode
 
-        mem_read, my_range, sample = self.memory_read, Compiler.get_iterator(), cropdecode.SAMPLE
+        mem_read, my_range, sample = self.memory_read, Compiler.get_iterator(), cropdecode.SAMPLE_VIEW
         hugepages = Compiler.compile(advise_hugepages)
         # plain integers, frozen into the compiled code; the arrays they point to live as long as this op
-        seed, train, filter_mode, out_kind = self.seed, int(self.train), self.aug.filter_mode, self.out_kind
+        seed, train, filter_mode, out_kind, key_add = (self.seed, int(self.train), self.aug.filter_mode, self.out_kind,
+                                                       self.key_add)
         epoch_at, error_at, aug_at = self.epoch.ctypes.data, self.error_index.ctypes.data, self.aug_array.ctypes.data
         out_h, out_w = self.size
         fresh = np.float32 if out_kind == 1 else np.int16
@@ -114,7 +121,7 @@ class CropDecode(Operation):
                 data = mem_read(field["data_ptr"], storage_state)
                 sample(data.ctypes.data, data.size, field["mode"], field["height"], field["width"], seed, epoch_at,
                        source_ix, train, aug_at, filter_mode, out_kind, out[dst_ix].ctypes.data, out_h, out_w,
-                       error_at)
+                       error_at, key_add)
             return out
 
         decode.is_parallel = True
@@ -141,30 +148,38 @@ class FfcvLoader(Loader):
         if a.train and cfg.randaugment:
             raise ValueError(f"data.randaugment={cfg.randaugment!r}: FFCV has no RandAugment; use data.backend=torchvision "
                              "or dali for fine-tuning with it")
-        self.crop_op, self.out = None, "uint8"
+        views = a.view_list(cfg)
+        self.crop_ops: List[CropDecode] = []
+        # per view: what its decoder writes (uint8 [N, H, W, 3], or [N, 3, H, W] normalised in the compute dtype)
+        self.outs = ["uint8"] * len(views)
         if cfg.ffcv_decoder == "crop":
             try:
                 from . import cropdecode
             except ImportError as err:
                 raise ImportError(f"data.ffcv_decoder=crop: {err}; or use data.ffcv_decoder=stock (FFCV's own "
                                   "decoder)") from err
-            aug = cropdecode.CropAug(tuple(cfg.crop_scale), tuple(cfg.crop_ratio), cfg.hflip, cfg.interpolation)
-            self.out = host_output(a.device, a.dtype)
-            self.crop_op = CropDecode((a.img_size, a.img_size), aug, a.train, a.seed, self.out, cfg.mean, cfg.std)
+            self.outs = [view_output(a.device, a.dtype, v, a.train) for v in views]
+            self.crop_ops = [
+                CropDecode((v.size, v.size), cropdecode.CropAug(v.crop_scale, v.crop_ratio, v.hflip, cfg.interpolation),
+                           a.train, a.seed, out, cfg.mean, cfg.std, key_add=view_key_offset(i))
+                for i, (v, out) in enumerate(zip(views, self.outs))]
             # a PipelineSpec: FFCV takes a list's first operation as the decoder only if it subclasses the field's
             # default decoder class (SimpleRGBImageDecoder), which CropDecode has no reason to
-            image_ops = PipelineSpec("image", decoder=self.crop_op, transforms=[ToTensor()])
+            specs = [PipelineSpec("image", decoder=op, transforms=[ToTensor()]) for op in self.crop_ops]
         elif a.train:
             if cfg.interpolation != "bilinear":
                 warnings.warn(f"data.interpolation={cfg.interpolation} has no effect with data.ffcv_decoder=stock: "
                               "FFCV's RandomResizedCrop decoder always resizes with cv2.INTER_AREA", stacklevel=3)
-            decoder = RandomResizedCropRGBImageDecoder((a.img_size, a.img_size), scale=tuple(cfg.crop_scale),
-                                                       ratio=tuple(cfg.crop_ratio))
-            image_ops = [decoder, RandomHorizontalFlip(cfg.hflip)]
+            specs = [[RandomResizedCropRGBImageDecoder((v.size, v.size), scale=v.crop_scale, ratio=v.crop_ratio),
+                      RandomHorizontalFlip(v.hflip), ToTensor()] for v in views]
         else:
-            image_ops = [CenterCropRGBImageDecoder((a.img_size, a.img_size), ratio=EVAL_CROP_RATIO)]
-        if not isinstance(image_ops, PipelineSpec):
-            image_ops += [ToTensor()]  # [N, H, W, 3] uint8 either way: DeviceNormalize transposes on the device
+            specs = [[CenterCropRGBImageDecoder((v.size, v.size), ratio=EVAL_CROP_RATIO), ToTensor()] for v in views]
+        # [N, H, W, 3] uint8 from the stock decoders: DeviceNormalize transposes on the device. Views 1.. read the
+        # same "image" field under their own output names (a plain list would name a field that does not exist)
+        pipelines = {"image": specs[0], "label": [IntDecoder(), ToTensor(), Squeeze(1)]}
+        for i, spec in enumerate(specs[1:], start=1):
+            pipelines[f"image_view{i}"] = spec if isinstance(spec, PipelineSpec) else PipelineSpec(
+                "image", decoder=spec[0], transforms=spec[1:])
         self.loader = FFCVLoader(
             str(path),
             batch_size=a.batch_size,
@@ -174,7 +189,7 @@ class FfcvLoader(Loader):
             seed=a.seed,
             drop_last=a.drop_last,
             batches_ahead=max(1, cfg.prefetch_factor),
-            pipelines={"image": image_ops, "label": [IntDecoder(), ToTensor(), Squeeze(1)]},
+            pipelines=pipelines,
         )
         # FFCV 1.0.2 cannot take a custom order class through its constructor (it checks isinstance, then
         # calls the instance); it reads the order from this attribute at every epoch, so set it here
@@ -182,7 +197,7 @@ class FfcvLoader(Loader):
         self.loader.first_traversal_order = self.loader.traversal_order.sample_order(0)
         self.num_samples = int(self.loader.reader.num_samples)
         self.classes = _classes(path)
-        self.to_device = DeviceNormalize(cfg.mean, cfg.std, a.device, a.dtype)
+        self.to_device = DeviceNormalize(cfg.mean, cfg.std, a.device, a.dtype, a.photometric_stages(views))
         self.seed, self.epoch, self.path = a.seed, 0, path
 
     def set_epoch(self, epoch: int) -> None:
@@ -200,9 +215,9 @@ class FfcvLoader(Loader):
         # SEQUENTIAL over our order: batch b holds the samples order[bB:(b+1)B], whatever the worker count
         order = self.epoch_indices()
         keys = pinned(sample_seeds(self.seed, self.epoch, order), self.to_device.device)
-        if self.crop_op is not None:
-            self.crop_op.epoch[0] = self.epoch
-            self.crop_op.error_index[0] = -1
+        for op in self.crop_ops:
+            op.epoch[0] = self.epoch
+            op.error_index[0] = -1
         B = self.loader.batch_size
         epoch = iter(self.loader)
         try:
@@ -212,16 +227,23 @@ class FfcvLoader(Loader):
                 epoch.close()
 
     def _batches(self, epoch, keys, B) -> Iterator[Batch]:
-        for b, (images, labels) in enumerate(epoch):
-            if self.crop_op is not None and self.crop_op.error_index[0] >= 0:
-                raise self._decode_error(int(self.crop_op.error_index[0]))
+        for b, (images, labels, *more) in enumerate(epoch):
+            for op in self.crop_ops:
+                if op.error_index[0] >= 0:
+                    raise self._decode_error(int(op.error_index[0]))
             k = keys[b * B : b * B + images.shape[0]]
-            if self.out == "bfloat16":
-                images = images.view(torch.bfloat16)
-            if self.out == "uint8":
-                yield self.to_device(images, labels, k, nhwc=True, borrowed=True)
-            else:  # a fresh array per batch (CropDecode): nothing to copy
-                yield self.to_device(images, labels, k, normalized=True)
+            views = [self._host_view(x, out) for x, out in zip((images, *more), self.outs)]
+            # uint8 from FFCV's ring of batch slots is borrowed; a normalised view is a fresh array (CropDecode)
+            first = {"nhwc": True, "borrowed": True} if self.outs[0] == "uint8" else {"normalized": True}
+            if views[1:]:
+                first["more_views"] = views[1:]
+            yield self.to_device(views[0].images, labels, k, **first)
+
+    @staticmethod
+    def _host_view(images: torch.Tensor, out: str) -> HostView:
+        if out == "uint8":
+            return HostView(images, nhwc=True, borrowed=True)
+        return HostView(images.view(torch.bfloat16) if out == "bfloat16" else images, normalized=True)
 
     def _decode_error(self, index: int) -> DecodeError:
         """Why sample `index` did not decode, from its bytes in the file (libjpeg's own message)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,12 +17,14 @@ from .base import (
     Batch,
     DeviceNormalize,
     EpochShardSampler,
+    HostView,
     Loader,
     LoaderArgs,
     batches_per_epoch,
     sample_seed,
+    view_key,
 )
-from .config import EVAL_CROP_RATIO, PipelineConfig
+from .config import EVAL_CROP_RATIO, PipelineConfig, ViewConfig
 from .folder import open_rgb, scan_folder
 
 _FILTERS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
@@ -40,14 +42,17 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def train_transform(cfg: PipelineConfig, img_size: int) -> v2.Transform:
-    """RandomResizedCrop (scale, ratio, bilinear/bicubic/random filter) + horizontal flip -> uint8 CHW."""
+def train_transform(cfg: PipelineConfig, img_size: int, view: Optional[ViewConfig] = None) -> v2.Transform:
+    """RandomResizedCrop (scale, ratio, bilinear/bicubic/random filter) + horizontal flip -> uint8 CHW.
+    view: a resolved ViewConfig (config.resolve_views) whose crop ranges and flip replace cfg's."""
+    scale, ratio, hflip = (cfg.crop_scale, cfg.crop_ratio, cfg.hflip) if view is None else (
+        view.crop_scale, view.crop_ratio, view.hflip)
     filters = list(_FILTERS) if cfg.interpolation == "random" else [cfg.interpolation]
     crops = [
-        v2.RandomResizedCrop(img_size, scale=cfg.crop_scale, ratio=cfg.crop_ratio, interpolation=_FILTERS[f], antialias=True)
+        v2.RandomResizedCrop(img_size, scale=scale, ratio=ratio, interpolation=_FILTERS[f], antialias=True)
         for f in filters
     ]
-    ops = [crops[0] if len(crops) == 1 else v2.RandomChoice(crops), v2.RandomHorizontalFlip(cfg.hflip)]
+    ops = [crops[0] if len(crops) == 1 else v2.RandomChoice(crops), v2.RandomHorizontalFlip(hflip)]
     if cfg.randaugment:  # timm's own RandAugment on the PIL crop, as timm's create_transform orders it
         from timm.data.auto_augment import rand_augment_transform
 
@@ -73,11 +78,15 @@ def eval_transform(img_size: int) -> v2.Transform:
 
 class FolderDataset(torch.utils.data.Dataset):
     """Indexed by (index, epoch) -> (uint8 image, label, key); the sample's augmentation is seeded from its key,
-    `sample_seed(seed, epoch, index)`, which also travels with it in the Batch."""
+    `sample_seed(seed, epoch, index)`, which also travels with it in the Batch.
+
+    transform may be a list, one transform per view: the item is then (tuple of uint8 views, label, key), view v
+    seeded from view_key(key, v) (the DataLoader's collation keeps the views apart, one batch tensor each)."""
 
     def __init__(self, root: str | Path, transform, seed: int):
         self.samples, self.classes = scan_folder(root)
         self.transform, self.seed = transform, seed
+        self.views: Sequence = transform if isinstance(transform, (list, tuple)) else [transform]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -93,11 +102,17 @@ class FolderDataset(torch.utils.data.Dataset):
         saved = None if in_worker else (random.getstate(), np.random.get_state())
         seed = sample_seed(self.seed, epoch, index)
         with contextlib.nullcontext() if in_worker else torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
             try:
-                return self.transform(img), label, seed
+                out = []
+                for v, transform in enumerate(self.views):
+                    # the key's 64 bits as an unsigned seed (a view key may be negative, and python's random.seed
+                    # would take |key|); view 0's key is the sample's own, >= 0: seeded exactly as before views
+                    s = view_key(seed, v) % 2**64
+                    torch.manual_seed(s)
+                    random.seed(s)
+                    np.random.seed(s % 2**32)
+                    out.append(transform(img))
+                return (tuple(out) if self.views is self.transform else out[0]), label, seed
             finally:
                 if saved is not None:
                     random.setstate(saved[0])
@@ -106,13 +121,14 @@ class FolderDataset(torch.utils.data.Dataset):
 
 class TorchvisionLoader(Loader):
     def __init__(self, cfg: PipelineConfig, a: LoaderArgs):
-        transform = train_transform(cfg, a.img_size) if a.train else eval_transform(a.img_size)
-        self.dataset = FolderDataset(cfg.path, transform, a.seed)
+        views = a.view_list(cfg)
+        transforms = [train_transform(cfg, v.size, v) if a.train else eval_transform(v.size) for v in views]
+        self.dataset = FolderDataset(cfg.path, transforms, a.seed)
         self.classes, self.num_samples = self.dataset.classes, len(self.dataset)
         self.sampler = EpochShardSampler(len(self.dataset), a.rank, a.world_size, a.seed, shuffle=a.shuffle)
         self.batch_size, self.drop_last = a.batch_size, a.drop_last
         workers = cfg.workers
-        self.to_device = DeviceNormalize(cfg.mean, cfg.std, a.device, a.dtype)
+        self.to_device = DeviceNormalize(cfg.mean, cfg.std, a.device, a.dtype, a.photometric_stages(views))
         self.loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=a.batch_size,
@@ -136,5 +152,5 @@ class TorchvisionLoader(Loader):
         return batches_per_epoch(self.num_samples, self.sampler.world_size, self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[Batch]:
-        for images, labels, keys in self.loader:
-            yield self.to_device(images, labels, keys)
+        for views, labels, keys in self.loader:
+            yield self.to_device(views[0], labels, keys, more_views=[HostView(x) for x in views[1:]])

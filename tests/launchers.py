@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/demo/mae_fmnist.yaml"
 # one intra-op thread per rank: two ranks share this machine's cores
@@ -43,3 +46,12 @@ def final_params(run_dir: Path) -> dict:
 
     ckpt = latest_checkpoint(run_dir)
     return method_state_dict(ckpt, load_checkpoint(ckpt))
+
+
+def assert_same_run(a, b):
+    """Same losses and final parameters, up to float summation order (2 x 25 vs 1 x 50 samples per step)."""
+    assert losses(a) == pytest.approx(losses(b), rel=1e-5)
+    pa, pb = final_params(a), final_params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        torch.testing.assert_close(pa[k].float(), pb[k].float(), rtol=0, atol=1e-3, msg=k)

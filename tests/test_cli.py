@@ -40,7 +40,7 @@ def test_bad_input_answers_before_torch_is_imported(tmp_path):
         (["train", "recipes/demo/mae_fmnist.yaml", "--resume", str(tmp_path / "c.pt")], "--resume: checkpoint not found"),
         (["finetune", "recipes/demo/finetune_fmnist.yaml", f"init={tmp_path / 'none.pt'}", f"data.path={tmp_path}",
           f"eval.path={tmp_path}"],
-         "finetune.init: not found"),
+         "method.init: not found"),
         (["bench", "e2e", "recipes/demo/mae_fmnist.yaml", f"data.path={tmp_path}", f"eval.path={tmp_path / 'e'}"],
          "eval.path: not found"),
     ]

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fastvit_pt.config import Config, ConfigError, load_config, parse_overrides, to_yaml
+from fastvit_pt.config import Config, ConfigError, apply_overrides, load_config, parse_overrides, to_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
@@ -89,3 +89,39 @@ def test_yaml_round_trip(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(to_yaml(cfg))
     assert load_config(path) == cfg
+
+
+def test_each_method_owns_its_section_and_switching_keeps_what_is_shared():
+    from fastvit_pt.methods.configs import D2MAEConfig, FinetuneConfig, MoCoV3Config
+
+    cfg = load_config(None, ["method.mask_ratio=0.6", "method.name=d2mae", "method.teacher=t.pt", "method.decoder_block=4"])
+    assert isinstance(cfg.method, D2MAEConfig) and (cfg.method.mask_ratio, cfg.method.teacher) == (0.6, "t.pt")
+    cfg = load_config(None, ["method.name=mocov3", "method.temperature=0.1", "method.blur=[0.5,0.5]"])
+    assert isinstance(cfg.method, MoCoV3Config) and cfg.method.blur == (0.5, 0.5)
+    assert [v.blur for v in cfg.method.views()] == [0.5, 0.5] and len(cfg.method.views()) == 2
+    assert isinstance(load_config(None, ["method.name=finetune"]).method, FinetuneConfig)
+    # a setting of the old method that the new one lacks is refused, not dropped
+    with pytest.raises(ConfigError, match="method.mask_ratio=0.6 is a setting of method 'mae'"):
+        apply_overrides(load_config(None, ["method.mask_ratio=0.6"]), ["method.name=mocov3"])
+    with pytest.raises(ConfigError, match="method 'mocov3' has no setting 'mask_ratio'"):
+        load_config(None, ["method.name=mocov3", "method.mask_ratio=0.5"])
+    with pytest.raises(ConfigError, match="unknown method 'mocov4'; did you mean 'mocov3'"):
+        load_config(None, ["method.name=mocov4"])
+    with pytest.raises(ConfigError, match="method.temperature must be > 0"):
+        load_config(None, ["method.name=mocov3", "method.temperature=0"])
+
+
+def test_the_old_sections_are_named_in_recipes_and_read_from_stored_runs(tmp_path):
+    from fastvit_pt.config import config_from_dict, to_dict
+
+    old = tmp_path / "old.yaml"
+    old.write_text("method:\n  name: dmae\ndistill:\n  teacher: runs/t\n")
+    with pytest.raises(ConfigError, match=r"'distill:' section is now part of 'method:' \(e.g. distill.teacher is "
+                                          r"method.teacher\)"):
+        load_config(old)
+    stored = to_dict(load_config(None, ["method.name=finetune"]))
+    stored["method"] = {"name": "finetune"}
+    stored["finetune"] = {"init": "runs/mae", "layer_decay": 0.75, "mixup": 0.0}
+    stored["distill"] = {"teacher": None}  # every old run stored both sections
+    cfg = config_from_dict(stored)
+    assert (cfg.method.init, cfg.method.layer_decay, cfg.method.mixup) == ("runs/mae", 0.75, 0.0)

@@ -3,7 +3,7 @@ import torch
 
 from fastvit_pt.config import Config
 from fastvit_pt.flops import mfu, train_flops_per_image
-from fastvit_pt.methods import build_method
+from fastvit_pt.methods import build_standalone
 from fastvit_pt.models import create_model
 from pipelines.base import Batch, sample_seeds
 
@@ -18,7 +18,7 @@ def _batch(n=4, size=224):
 
 
 def test_mae_tiny_flops_match_the_hand_count():
-    method = build_method(Config())  # mae_vit_tiny_patch16, mask 0.75, decoder 96 x 1 (mae-lite)
+    method = build_standalone(Config())  # mae_vit_tiny_patch16, mask 0.75, decoder 96 x 1 (mae-lite)
     visible, patches, p3 = 49, 196, 16 * 16 * 3
     fwd = (patches * p3 * 192  # patch embedding, on every patch (before masking)
            + vit_macs(1 + visible, 192, 12)  # encoder on cls + visible patches

@@ -56,7 +56,7 @@ def test_dry_run_runs_every_step_and_writes_plausible_json(tmp_path):
     assert "decode_jpeg" in loader["backends"]["tv-decode"]["measures"] and loader["images"] == 64
 
     teacher = json.loads((out / "teacher.json").read_text())
-    assert [row["method"] for row in teacher["runs"]] == ["mae", "dmae", "d2mae"]
+    assert [row["method"] for row in teacher["runs"]] == ["mae", "dmae", "d2mae", "mocov3"]
     assert all(row["img_per_s"] > 0 for row in teacher["runs"])
 
     ablation = json.loads((out / "ablation.json").read_text())

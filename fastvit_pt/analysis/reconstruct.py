@@ -17,15 +17,19 @@ def save_reconstructions(
 ) -> Path:
     import pipelines
 
-    from ..methods import build_method
+    from ..methods import build_standalone
+    from ..models import MaskedAutoencoderViT
 
     ckpt_path = resolve_checkpoint(checkpoint)
     state = load_checkpoint(ckpt_path)
     cfg = config_from_dict(state["config"])
-    method = build_method(cfg, attn_impl="sdpa")
+    method = build_standalone(cfg, attn_impl="sdpa")
+    mae = getattr(method, "model", None)
+    if not isinstance(mae, MaskedAutoencoderViT):
+        raise ValueError(f"{ckpt_path} was trained with method {cfg.method.name!r}, which reconstructs nothing; "
+                         "fastvit analyze recon is for MAE-family runs (mae, dmae, d2mae)")
     method.load_state_dict({k: v.float() for k, v in method_state_dict(ckpt_path, state).items()})
     method.eval()
-    mae = method.model
     if data_path:  # a folder is read with the reference loader, a .beton with ffcv, whatever the run used
         cfg.data.path = data_path
         cfg.data.backend = pipelines.backend_for(data_path)

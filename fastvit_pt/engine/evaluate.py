@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config
-from ..distributed.base import backbone
 from ..distributed.env import DistEnv
 from .metrics import Progress
 
@@ -40,7 +39,7 @@ def build_eval_loader(cfg: Config, env: DistEnv, dtype: torch.dtype):
 def evaluate(engine, loader, env: DistEnv, desc: str = "eval") -> Dict[str, float]:
     """{"top1": %, "top5": %, "loss": mean cross-entropy, "images": count} over every rank's share of `loader`.
     The model is the method's backbone (its classifier), run in the engine's compute dtype."""
-    model = backbone(engine.module)
+    model = engine.method.encoder()
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # correct@1, correct@5, loss sum, images

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..config import Config, to_dict, to_yaml
-from ..distributed.env import DistEnv, init_distributed, resolve_precision, shutdown_distributed
+from ..distributed.env import DistEnv, shutdown_distributed
 from .checkpoint import (
     CheckpointError,
     checkpoint_path,
@@ -27,6 +27,7 @@ from .checkpoint import (
 )
 from .evaluate import BEST_MODEL, build_eval_loader, evaluate, read_best, write_best
 from .metrics import MetricLogger, Progress, format_eta
+from .plan import make_plan
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,20 +53,9 @@ class TrainResult:
     epochs_run: int
     steps: int
     is_main: bool = True  # rank 0: the process that reports
-    first_loss: Optional[float] = None
-    last_loss: Optional[float] = None
-    img_per_s: Optional[float] = None
     losses: List[float] = field(default_factory=list)  # one per log interval, for tests and summaries
     evals: List[dict] = field(default_factory=list)  # {"epoch", "top1", "top5", "loss", "images", "precision"} each
     best: Optional[dict] = None  # the best evaluation so far (also in best.json; its weights in model-best.pt)
-
-
-def resolve_attn_impl(impl: str, device: torch.device, precision: str) -> str:
-    """auto: fused SDPA, except for bf16 on CPU, where SDPA's backward measured slower than the explicit
-    softmax(QK^T)V (benchmarks/results/cpu_model.md: `fastvit bench model --attn sdpa,math`)."""
-    if impl != "auto":
-        return impl
-    return "math" if device.type == "cpu" and precision == "bf16" else "sdpa"
 
 
 def seed_everything(seed: int) -> None:
@@ -75,44 +65,38 @@ def seed_everything(seed: int) -> None:
 
 
 def build_training(cfg: Config, env: DistEnv):
-    """Loader, method and engine for `cfg` on this rank (no checkpoint loading, no training)."""
+    """(loader, method, engine, plan) for `cfg` on this rank (no checkpoint loading, no training)."""
     import pipelines
 
-    from ..distributed import build_engine
-    from ..distributed.base import DTYPES, accumulation_steps
+    from ..engines import engine_class
     from ..methods import build_method
 
     # configuration errors (batch sizes vs world size, a conflicting DeepSpeed overlay) before any work
-    accum = accumulation_steps(cfg.train.global_batch, cfg.train.micro_batch, env.world_size)
-    precision = resolve_precision(cfg.engine.precision, env.device)
-    if cfg.engine.kind == "deepspeed":
-        from ..distributed.deepspeed_engine import deepspeed_config
-
-        deepspeed_config(cfg, env.world_size, precision)
+    plan = make_plan(cfg, env)
+    engine_cls = engine_class(cfg.engine.kind)
+    plan.engine_extra = engine_cls.prepare(plan, cfg.engine, cfg.optim)
     loader = pipelines.build_loader(
         cfg.data,
         img_size=cfg.model.img_size,
-        batch_size=cfg.train.micro_batch,
+        batch_size=plan.micro_batch,
         rank=env.rank,
         world_size=env.world_size,
-        seed=cfg.train.seed,
+        seed=plan.seed,
         device=env.device,
-        dtype=DTYPES[precision],
+        dtype=plan.dtype,
         train=True,
+        views=cfg.method.views(),  # the crops the method asks for; None: the data section's one
     )
-    steps_per_epoch = len(loader) // accum
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"data.path {cfg.data.path} gives {len(loader)} micro-batches of {cfg.train.micro_batch} per rank per epoch, "
-            f"fewer than one optimizer step of train.global_batch={cfg.train.global_batch}; lower the batch sizes"
-        )
-    method = build_method(cfg, attn_impl=resolve_attn_impl(cfg.model.attn_impl, env.device, precision),
-                          num_classes=len(loader.classes), is_main=env.is_main)
-    if cfg.eval.path and not getattr(method, "classifies", False):
+    plan.set_data(len(loader), len(loader.classes), cfg.data.path)
+    method = build_method(cfg.method, cfg.model, plan)
+    if cfg.eval.path and not method.classifies:
+        from ..methods.configs import method_names, section_class
+
+        classifiers = ", ".join(n for n in method_names() if section_class(n).classifies)
         raise ValueError(f"eval.path is set, but method {cfg.method.name!r} does not classify; evaluation during "
-                         "training is for fine-tuning (method.name=finetune). Use fastvit knn / linprobe instead.")
-    engine = build_engine(method, cfg, env, steps_per_epoch)
-    return loader, method, engine, steps_per_epoch
+                         f"training is for classifiers (method.name: {classifiers}). Use fastvit knn / linprobe instead.")
+    engine = engine_cls(method, plan, cfg.engine, cfg.optim)
+    return loader, method, engine, plan
 
 
 def _gather_rng(env: DistEnv) -> list:
@@ -132,9 +116,16 @@ def _mean_over_ranks(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 
 def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
-    env = init_distributed(cfg.engine.device, cfg.engine.dist_timeout_s, group_of_one=cfg.engine.kind == "deepspeed")
+    from ..engines import init_for
+
+    env = init_for(cfg.engine)
     try:
-        return _train(cfg, env, resume)
+        result = _train(cfg, env, resume)
+        if env.distributed:
+            # leave together: rank 0 still writes the last export while the others would tear their gloo pairs
+            # down under it (a rank aborted at exit now and then, "terminate called without an active exception")
+            torch.distributed.barrier()
+        return result
     finally:
         shutdown_distributed()
 
@@ -163,9 +154,9 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
     resume_path = _resolve_resume(resume, run_dir, env.is_main)
     state = load_checkpoint(resume_path) if resume_path else None  # fail before building anything
     seed_everything(t.seed + env.rank)
-    loader, method, engine, steps_per_epoch = build_training(cfg, env)
-    eval_loader = build_eval_loader(cfg, env, engine.dtype)
-    micro_per_epoch = steps_per_epoch * engine.accum
+    loader, method, engine, plan = build_training(cfg, env)
+    eval_loader = build_eval_loader(cfg, env, plan.dtype)
+    micro_per_epoch = plan.micro_per_epoch
     start_epoch = 0
     if state is not None:
         engine.load(resume_path, state)
@@ -189,8 +180,7 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
     result = TrainResult(run_dir, resume_path, 0, engine.global_step, env.is_main)
     result.best = read_best(run_dir) if state is not None else None
     last_saved = resume_path
-    rates: List[float] = []
-    total_steps = t.epochs * steps_per_epoch
+    total_steps = plan.total_steps
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, t.epochs):
@@ -200,6 +190,7 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
             method.train()
             bar = Progress(env.is_main, micro_per_epoch, f"epoch {epoch + 1}/{t.epochs}")
             sums: Dict[str, torch.Tensor] = {}
+            scalars: Dict[str, float] = {}
             n_micro, tic = 0, time.perf_counter()
             for i, batch in enumerate(loader):
                 if i >= micro_per_epoch:
@@ -207,6 +198,8 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
                 out = engine(batch)
                 engine.backward(out["loss"])
                 stepped = engine.step()
+                if stepped:
+                    scalars = engine.after_step()  # EMA updates, schedules of any scalar (momentum, temperature)
                 for k, v in out.items():  # device-side sums: no host sync here
                     if torch.is_tensor(v) and v.ndim == 0:
                         sums[k] = sums.get(k, 0.0) + v.detach().float()
@@ -225,15 +218,12 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
                             f"stopping. The last good checkpoint is {last_saved or '(none yet)'}. "
                             "Lower optim.blr, set optim.clip_grad, or use engine.precision=bf16 instead of fp16."
                         )
-                    rates.append(rate)
                     result.losses.append(parts["loss"])
-                    if result.first_loss is None:
-                        result.first_loss = parts["loss"]
-                    result.last_loss = parts["loss"]
                     grad = {"grad_norm": float(engine.grad_norm)} if engine.grad_norm is not None else {}
                     logger.log(
                         engine.global_step,
-                        {"epoch": epoch + (i + 1) / micro_per_epoch, "lr": engine.lr, "img_per_s": rate, **parts, **grad},
+                        {"epoch": epoch + (i + 1) / micro_per_epoch, "lr": engine.lr, "img_per_s": rate, **parts, **grad,
+                         **scalars},
                     )
                     eta = (total_steps - engine.global_step) * engine.accum * imgs_per_micro / rate
                     bar.update(0, {"loss": f"{parts['loss']:.4f}", "img/s": f"{rate:.0f}", "eta": format_eta(eta)})
@@ -276,5 +266,4 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
     finally:
         logger.close()
     result.checkpoint = last_saved
-    result.img_per_s = float(np.median(rates)) if rates else None
     return result

@@ -135,7 +135,8 @@ def runs_table(run_dirs) -> str:
             raise FileNotFoundError(f"{run} is not a run directory (no metrics.jsonl)")
         s = summarize_run(run)
         cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-        init = (cfg.get("finetune") or {}).get("init") if (cfg.get("method") or {}).get("name") == "finetune" else "-"
+        # a method section with an init (fine-tuning); runs from before methods owned their sections kept it apart
+        init = (cfg.get("method") or {}).get("init") or (cfg.get("finetune") or {}).get("init") or "-"
         cells = [f"{s['best_top1']:.2f} (ep {s['best_epoch']})", f"{s['eval_top1']:.2f}",
                  f"{s['best_top5']:.2f}"] if "best_top1" in s else ["-", "-", "-"]
         epochs = f"{s['epochs']:.0f}" if s else "0"

@@ -72,7 +72,7 @@ def backbone_features(checkpoint: str, train_data: str, test_data: str, cfg, bat
 
     from ..distributed.env import pick_device
     from ..models import create_model
-    from .checkpoints import load_backbone
+    from ..engine.backbone import load_backbone
 
     scratch = checkpoint == "scratch"
     m, seed = cfg.model, cfg.train.seed

@@ -1,36 +1,43 @@
-"""Training methods: one file each, each a module whose forward(batch) returns {"loss": ..., parts}.
+"""Training methods: one file each, each a `base.Method` whose forward(batch) returns {"loss": ..., parts}.
 
-The loop knows only that contract. A method is built from the config; runtime objects (a teacher module,
-the device) are keyword arguments of its builder.
+The loop knows only that contract. A method's config section (`method: {name: ..., ...}`) is registered in
+configs.py, torch-free; its module's `build(section, model_cfg, plan)` makes it from that section, the model
+section and the run plan (attention implementation, number of classes, rank).
 """
 from __future__ import annotations
 
-import difflib
 import importlib
-from typing import TYPE_CHECKING, Dict, List
+from typing import TYPE_CHECKING, List
+
+from .configs import method_names
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch.nn as nn
-
-    from ..config import Config
-
-# name -> module exposing `build(cfg, **runtime) -> nn.Module`
-_METHODS: Dict[str, str] = {
-    "mae": "fastvit_pt.methods.mae",
-    "dmae": "fastvit_pt.methods.dmae",
-    "d2mae": "fastvit_pt.methods.d2mae",
-    "finetune": "fastvit_pt.methods.finetune",
-}
+    from ..config import ModelConfig
+    from ..engine.plan import RunPlan
+    from .base import Method
+    from .configs import MethodConfig
 
 
 def list_methods() -> List[str]:
-    return sorted(_METHODS)
+    return method_names()
 
 
-def build_method(cfg: "Config", **runtime) -> "nn.Module":
-    name = cfg.method.name
-    if name not in _METHODS:
-        close = difflib.get_close_matches(name, _METHODS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"method.name: unknown method {name!r}.{hint} Known methods: {', '.join(list_methods())}")
-    return importlib.import_module(_METHODS[name]).build(cfg, **runtime)
+def build_method(section: "MethodConfig", model: "ModelConfig", plan: "RunPlan") -> "Method":
+    """The Method for `section` (validated by the config: its name is registered)."""
+    method = importlib.import_module(type(section).module).build(section, model, plan)
+    from .base import Method
+
+    assert isinstance(method, Method), f"{type(section).module}.build returned a {type(method).__name__}, not a Method"
+    return method
+
+
+def build_standalone(cfg, num_classes: int = 1000, attn_impl: "str | None" = None) -> "Method":
+    """The method a Config describes, outside a run (analysis, tests): one process, the CPU plan."""
+    from ..distributed.env import DistEnv
+    from ..engine.plan import make_plan
+
+    plan = make_plan(cfg, DistEnv())
+    plan.num_classes = num_classes
+    if attn_impl:
+        plan.attn_impl = attn_impl
+    return build_method(cfg.method, cfg.model, plan)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..models import MaskedAutoencoderViT, VisionTransformer
+from .configs import D2MAEConfig
 from .dmae import DMAE, build_teacher
 from .mae import build_mae_model
 
@@ -31,11 +32,13 @@ class LogitsBlock(nn.Module):
 
 class D2MAE(DMAE):
     def __init__(self, model: MaskedAutoencoderViT, teacher: VisionTransformer, mask_ratio: float,
-                 decoder_block: int = 8, attn_weight: float = 1.0, hidden_layers=(), hidden_weight: float = 1.0):
-        super().__init__(model, teacher, mask_ratio, attn_weight, hidden_layers, hidden_weight)
+                 decoder_block: int = 8, attn_weight: float = 1.0, hidden_layers=(), hidden_weight: float = 1.0,
+                 section: Optional[D2MAEConfig] = None):
+        super().__init__(model, teacher, mask_ratio, attn_weight, hidden_layers, hidden_weight,
+                         section or D2MAEConfig(mask_ratio=mask_ratio, decoder_block=decoder_block))
         enc = model.encoder
         if not 1 <= decoder_block <= enc.depth:
-            raise ValueError(f"distill.decoder_block must be in 1..{enc.depth} (1-based), got {decoder_block}")
+            raise ValueError(f"method.decoder_block must be in 1..{enc.depth} (1-based), got {decoder_block}")
         self.decoder_block = decoder_block
         self.logits_block = LogitsBlock(enc.embed_dim, enc.num_heads)  # the 13th block
         self.decoder_input_norm = nn.LayerNorm(enc.embed_dim, eps=1e-6)  # block 8's output, normalised for the decoder
@@ -53,7 +56,7 @@ class D2MAE(DMAE):
         return loss, self.logits_block(hidden[last]), hidden, out.ids_shuffle
 
 
-def build(cfg, attn_impl: str = "sdpa", is_main: bool = True, **_) -> D2MAE:
-    d = cfg.distill
-    return D2MAE(build_mae_model(cfg, attn_impl), build_teacher(cfg, attn_impl, is_main), cfg.method.mask_ratio,
-                 d.decoder_block, d.attn_weight, d.hidden_layers, d.hidden_weight)
+def build(section: D2MAEConfig, model, plan) -> D2MAE:
+    s = section
+    return D2MAE(build_mae_model(s, model, plan.attn_impl), build_teacher(s, model, plan.attn_impl, plan.env.is_main),
+                 s.mask_ratio, s.decoder_block, s.attn_weight, s.hidden_layers, s.hidden_weight, section=s)

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from ..models import MaskedAutoencoderViT, VisionTransformer, create_model
 from ..models.mae import num_visible
+from .base import Method
+from .configs import DistillConfig
 from .mae import build_mae_model, masks_for
 
 
@@ -68,10 +70,11 @@ def head_mixing_adapter(student_heads: int, teacher_heads: int) -> nn.Conv2d:
     return conv
 
 
-class DMAE(nn.Module):
+class DMAE(Method):
     def __init__(self, model: MaskedAutoencoderViT, teacher: VisionTransformer, mask_ratio: float,
-                 attn_weight: float = 1.0, hidden_layers: Sequence[int] = (), hidden_weight: float = 1.0):
-        super().__init__()
+                 attn_weight: float = 1.0, hidden_layers: Sequence[int] = (), hidden_weight: float = 1.0,
+                 section: Optional[DistillConfig] = None):
+        super().__init__(section or DistillConfig(mask_ratio=mask_ratio))
         if not isinstance(model, MaskedAutoencoderViT):
             raise ValueError(f"distillation needs an MAE student (mae_vit_*), got {type(model).__name__}")
         enc = model.encoder
@@ -88,7 +91,9 @@ class DMAE(nn.Module):
         self.adapter = head_mixing_adapter(enc.num_heads, teacher.num_heads)
         self.hidden_adapters = nn.ModuleDict({str(i): nn.Linear(enc.embed_dim, teacher.embed_dim)
                                               for i in self.hidden_layers})
-        self.teacher = FrozenTeacher(teacher)  # a plain object: not a submodule (not wrapped, not saved)
+        # held outside the module tree: not wrapped, not saved (the config names its file); FrozenTeacher places
+        # it in the compute dtype itself
+        self.teacher = FrozenTeacher(self.hold("teacher", teacher, saved=False))
 
     def student_forward(self, imgs: torch.Tensor, ids_shuffle: Optional[torch.Tensor]):
         """(MAE loss, student last-layer logits [B, H_s, N, N], hidden outputs, the ids_shuffle used)."""
@@ -116,25 +121,29 @@ class DMAE(nn.Module):
     def encoder(self) -> nn.Module:
         return self.model.encoder
 
+    def describe(self):
+        return [f"teacher {self.section.teacher_model} from {self.section.teacher}"]
 
-def build_teacher(cfg, attn_impl: str = "sdpa", is_main: bool = True) -> VisionTransformer:
-    """The frozen teacher encoder named by distill.teacher_model, loaded from distill.teacher."""
+
+def build_teacher(section: DistillConfig, m, attn_impl: str = "sdpa", is_main: bool = True) -> VisionTransformer:
+    """The frozen teacher encoder named by method.teacher_model, loaded from method.teacher (`random`: left as
+    initialised, for benchmarks)."""
     from ..config import ConfigError
-    from ..eval.checkpoints import load_backbone
+    from ..engine.backbone import load_backbone
 
-    d, m = cfg.distill, cfg.model
-    if not d.teacher:
-        raise ConfigError(f"distill.teacher is required for method {cfg.method.name!r}: the MAE teacher's checkpoint "
-                          "(ours, mae-lite's or facebookresearch/mae's), e.g. distill.teacher=runs/mae_base_1600ep")
-    teacher = create_model(d.teacher_model.removeprefix("mae_"), img_size=m.img_size, patch_size=m.patch_size,
+    if not section.teacher:
+        raise ConfigError(f"method.teacher is required for method {section.name!r}: the MAE teacher's checkpoint "
+                          "(ours, mae-lite's or facebookresearch/mae's), e.g. method.teacher=runs/mae_base_1600ep")
+    teacher = create_model(section.teacher_model.removeprefix("mae_"), img_size=m.img_size, patch_size=m.patch_size,
                            in_chans=m.in_chans, num_classes=0, attn_impl=attn_impl)
-    report = load_backbone(teacher, d.teacher)
-    if is_main:
-        print(f"distill.teacher: {report}", file=sys.stderr)
+    if section.teacher != "random":
+        report = load_backbone(teacher, section.teacher)
+        if is_main:
+            print(f"method.teacher: {report}", file=sys.stderr)
     return teacher
 
 
-def build(cfg, attn_impl: str = "sdpa", is_main: bool = True, **_) -> DMAE:
-    d = cfg.distill
-    return DMAE(build_mae_model(cfg, attn_impl), build_teacher(cfg, attn_impl, is_main), cfg.method.mask_ratio,
-                d.attn_weight, d.hidden_layers, d.hidden_weight)
+def build(section: DistillConfig, model, plan) -> DMAE:
+    s = section
+    return DMAE(build_mae_model(s, model, plan.attn_impl), build_teacher(s, model, plan.attn_impl, plan.env.is_main),
+                s.mask_ratio, s.attn_weight, s.hidden_layers, s.hidden_weight, section=s)

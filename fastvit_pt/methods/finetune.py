@@ -4,7 +4,7 @@ device, and layer-wise lr decay groups for the engine's optimizer."""
 from __future__ import annotations
 
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -12,14 +12,18 @@ import torch.nn.functional as F
 
 from ..engine.optim import layer_decay_groups
 from ..models import VisionTransformer, create_model
+from .base import Method
+from .configs import FinetuneConfig
 
 
-class Finetune(nn.Module):
-    classifies = True  # the loop may evaluate it: backbone(method)(images) -> logits
+class Finetune(Method):
+    """classifies (FinetuneConfig.classifies): the loop may score encoder()(images) -> logits on eval.path."""
 
     def __init__(self, model: VisionTransformer, num_classes: int, mixup: float = 0.0, cutmix: float = 0.0,
-                 smoothing: float = 0.0, reprob: float = 0.0, layer_decay: float = 1.0):
-        super().__init__()
+                 smoothing: float = 0.0, reprob: float = 0.0, layer_decay: float = 1.0,
+                 section: Optional[FinetuneConfig] = None):
+        super().__init__(section or FinetuneConfig(mixup=mixup, cutmix=cutmix, smoothing=smoothing, reprob=reprob,
+                                                   layer_decay=layer_decay))
         if not isinstance(model, VisionTransformer) or model.num_classes != num_classes:
             raise ValueError(f"method 'finetune' needs a classifier ViT with {num_classes} outputs (vit_*), "
                              f"got {type(model).__name__}")
@@ -56,42 +60,45 @@ class Finetune(nn.Module):
         """What is exported and evaluated: the whole classifier (timm keys, head included)."""
         return self.model
 
+    def describe(self):
+        return [f"init {self.section.init}"]
+
     def param_groups(self, weight_decay: float) -> List[Dict]:
         """Layer-wise lr decay groups; no weight decay on biases, norms, pos_embed and cls_token."""
         return layer_decay_groups(self.model, weight_decay, self.layer_decay, self.model.depth)
 
 
-def _warn_on_other_statistics(cfg, init: str) -> None:
+def _warn_on_other_statistics(data, init: str) -> None:
     """A backbone fine-tuned on inputs normalised unlike its pre-training starts from features of other inputs."""
-    from ..eval.checkpoints import run_config
+    from ..engine.backbone import run_config
 
     pre = run_config(init)
-    if pre is not None and (tuple(pre.data.mean), tuple(pre.data.std)) != (tuple(cfg.data.mean), tuple(cfg.data.std)):
+    if pre is not None and (tuple(pre.data.mean), tuple(pre.data.std)) != (tuple(data.mean), tuple(data.std)):
         print(f"warning: {init} was pre-trained on images normalised with mean {list(pre.data.mean)} std "
-              f"{list(pre.data.std)}, and this recipe normalises with mean {list(cfg.data.mean)} std "
-              f"{list(cfg.data.std)}; set data.mean / data.std to the pre-training's unless this is deliberate",
+              f"{list(pre.data.std)}, and this recipe normalises with mean {list(data.mean)} std "
+              f"{list(data.std)}; set data.mean / data.std to the pre-training's unless this is deliberate",
               file=sys.stderr)
 
 
-def build(cfg, attn_impl: str = "sdpa", num_classes: int = 1000, is_main: bool = True, **_) -> Finetune:
-    m, f = cfg.model, cfg.finetune
+def build(section: FinetuneConfig, m, plan) -> Finetune:
+    f = section
     if not f.init:
         from ..config import ConfigError
 
-        raise ConfigError("finetune.init is required: the pre-training checkpoint to start from "
+        raise ConfigError("method.init is required: the pre-training checkpoint to start from "
                           "(init=runs/mae_tiny_400ep, or a checkpoint file), or init=scratch for random initialisation")
     name = m.name.removeprefix("mae_")  # a pre-training recipe's model name names the same encoder
     model = create_model(name, img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans,
-                         num_classes=num_classes, global_pool=f.global_pool, drop_path_rate=m.drop_path,
-                         attn_impl=attn_impl)
+                         num_classes=plan.num_classes, global_pool=f.global_pool, drop_path_rate=m.drop_path,
+                         attn_impl=plan.attn_impl)
     if f.init != "scratch":
-        from ..eval.checkpoints import load_backbone
+        from ..engine.backbone import load_backbone
 
         report = load_backbone(model, f.init)
-        if is_main:
-            print(f"finetune.init: {report}", file=sys.stderr)
-            _warn_on_other_statistics(cfg, f.init)
+        if plan.env.is_main:
+            print(f"method.init: {report}", file=sys.stderr)
+            _warn_on_other_statistics(plan.data, f.init)
     # MAE's head init: tiny weights, so the pre-trained features are not disturbed by a random projection
     nn.init.trunc_normal_(model.head.weight, std=2e-5)
     nn.init.zeros_(model.head.bias)
-    return Finetune(model, num_classes, f.mixup, f.cutmix, f.smoothing, f.reprob, f.layer_decay)
+    return Finetune(model, plan.num_classes, f.mixup, f.cutmix, f.smoothing, f.reprob, f.layer_decay, section=f)

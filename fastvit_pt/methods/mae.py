@@ -8,11 +8,13 @@ import torch.nn as nn
 
 from ..models import MaskedAutoencoderViT, create_model
 from ..models.mae import keyed_shuffle
+from .base import Method
+from .configs import MAEConfig
 
 
-class MAE(nn.Module):
-    def __init__(self, model: MaskedAutoencoderViT, mask_ratio: float):
-        super().__init__()
+class MAE(Method):
+    def __init__(self, model: MaskedAutoencoderViT, mask_ratio: float, section: MAEConfig = None):
+        super().__init__(section or MAEConfig(mask_ratio=mask_ratio))
         if not isinstance(model, MaskedAutoencoderViT):
             raise ValueError(f"method 'mae' needs an MAE model (mae_vit_*), got {type(model).__name__}")
         self.model, self.mask_ratio = model, mask_ratio
@@ -28,15 +30,14 @@ class MAE(nn.Module):
         return self.model.encoder
 
 
-def build_mae_model(cfg, attn_impl: str = "sdpa") -> MaskedAutoencoderViT:
-    """The MAE model a pre-training recipe names (model.* and method.norm_pix_loss)."""
-    m = cfg.model
+def build_mae_model(section: MAEConfig, m, attn_impl: str = "sdpa") -> MaskedAutoencoderViT:
+    """The MAE model a pre-training recipe names (its model section and method.norm_pix_loss)."""
     return create_model(
         m.name,
         img_size=m.img_size,
         patch_size=m.patch_size,
         in_chans=m.in_chans,
-        norm_pix_loss=cfg.method.norm_pix_loss,
+        norm_pix_loss=section.norm_pix_loss,
         drop_path_rate=m.drop_path,
         attn_impl=attn_impl,
     )
@@ -48,5 +49,5 @@ def masks_for(batch, num_patches: int):
     return None if keys is None else keyed_shuffle(keys, num_patches)
 
 
-def build(cfg, attn_impl: str = "sdpa", **_) -> MAE:
-    return MAE(build_mae_model(cfg, attn_impl), cfg.method.mask_ratio)
+def build(section: MAEConfig, model, plan) -> MAE:
+    return MAE(build_mae_model(section, model, plan.attn_impl), section.mask_ratio, section)

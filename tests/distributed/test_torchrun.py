@@ -5,19 +5,9 @@ import subprocess
 import time
 
 import pytest
-import torch
-from launchers import ENV, REPO, final_params, losses, run, single_cmd, torchrun_cmd
+from launchers import ENV, REPO, assert_same_run, losses, run, single_cmd, torchrun_cmd
 
 from conftest import tiny_mae_overrides
-
-
-def assert_same_run(a, b):
-    """Same losses and final parameters, up to float summation order (2 x 25 vs 1 x 50 samples per step)."""
-    assert losses(a) == pytest.approx(losses(b), rel=1e-5)
-    pa, pb = final_params(a), final_params(b)
-    assert pa.keys() == pb.keys()
-    for k in pa:
-        torch.testing.assert_close(pa[k].float(), pb[k].float(), rtol=0, atol=1e-3, msg=k)
 
 
 def test_two_rank_ddp_equals_one_rank(fmnist_small, one_rank_reference, tmp_path):

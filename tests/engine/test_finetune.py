@@ -87,7 +87,7 @@ def test_eval_top1_top5_and_loss_on_a_known_case():
     labels = torch.tensor([0, 0, 0, 0, 0, 1, 4, 5])
     images = scores.view(8, 1, 1, 6)
     loader = [Batch(images[:5], labels[:5]), Batch(images[5:], labels[5:])]
-    engine = SimpleNamespace(module=_Method(), autocast=contextlib.nullcontext(), kernels=contextlib.nullcontext)
+    engine = SimpleNamespace(method=_Method(), autocast=contextlib.nullcontext(), kernels=contextlib.nullcontext)
     res = evaluate(engine, loader, DistEnv())
     logp = scores - torch.logsumexp(scores, dim=1, keepdim=True)
     hand_loss = -logp[torch.arange(8), labels].mean().item()
@@ -113,17 +113,17 @@ def _finetune_overrides(fmnist_small: Path, out: Path, init: str, **extra):
         "train.micro_batch": 50, "train.log_every": 5, "train.tensorboard": False, "train.out_dir": str(out),
     }
     base.update(extra)
-    return [f"finetune.{k}={v}" if k == "init" else f"{k}={v}" for k, v in base.items()]
+    return [f"method.{k}={v}" if k == "init" else f"{k}={v}" for k, v in base.items()]
 
 
 # both on every machine: bf16 is native on some CPUs and emulated (slow, so the run is tiny) on others
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_finetune_from_mae_keeps_the_best_and_its_weights_score_it(fmnist_small, mae_run, tmp_path, precision):
     import pipelines
-    from fastvit_pt.distributed.base import DTYPES
+    from fastvit_pt.engine.plan import DTYPES, resolve_attn_impl
     from fastvit_pt.engine.evaluate import BEST_MODEL, read_best
-    from fastvit_pt.engine.loop import build_training, resolve_attn_impl, train
-    from fastvit_pt.eval.checkpoints import read_backbone
+    from fastvit_pt.engine.loop import build_training, train
+    from fastvit_pt.engine.backbone import read_backbone
 
     cfg = load_config(REPO / "recipes/demo/finetune_fmnist.yaml",
                       _finetune_overrides(fmnist_small, tmp_path / "ft", str(mae_run), **{"engine.precision": precision}))
@@ -154,7 +154,8 @@ def test_finetune_from_mae_keeps_the_best_and_its_weights_score_it(fmnist_small,
                                                        std=cfg.data.std), img_size=28, batch_size=200, train=False,
                                     drop_last=False, dtype=DTYPES[precision])
     autocast = contextlib.nullcontext() if precision == "fp32" else torch.autocast("cpu", dtype=torch.bfloat16)
-    engine = SimpleNamespace(module=model, autocast=autocast, kernels=contextlib.nullcontext)
+    engine = SimpleNamespace(method=SimpleNamespace(encoder=lambda: model), autocast=autocast,
+                             kernels=contextlib.nullcontext)
     assert evaluate(engine, loader, DistEnv())["top1"] == best["top1"]
 
 
@@ -165,7 +166,7 @@ def _cli(*args):
 def test_finetune_errors_name_the_problem(fmnist_small, tmp_path):
     r = _cli("finetune", "recipes/demo/finetune_fmnist.yaml", f"data.path={fmnist_small / 'train'}",
              f"eval.path={fmnist_small / 'test'}", "--out", str(tmp_path / "a"))
-    assert r.returncode != 0 and "finetune.init is required" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "method.init is required" in r.stderr and "Traceback" not in r.stderr
     r = _cli("finetune", "recipes/demo/mae_fmnist.yaml", "init=scratch", "--out", str(tmp_path / "b"))
     assert r.returncode != 0 and "needs a fine-tuning recipe" in r.stderr
     r = _cli("finetune", "recipes/demo/finetune_fmnist.yaml", f"init={tmp_path / 'nothing.pt'}",

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_mae_overrides
 from fastvit_pt.config import ConfigError, load_config
 from fastvit_pt.distributed.env import DistEnv
-from fastvit_pt.eval.checkpoints import export_for_timm
+from fastvit_pt.engine.backbone import export_for_timm
 from fastvit_pt.methods.d2mae import D2MAE
 from fastvit_pt.methods.dmae import DMAE, head_mixing_adapter
 from fastvit_pt.models import create_model
@@ -123,7 +123,8 @@ def teacher_file(tmp_path):
 
 def _cfg(fmnist_small, tmp_path, teacher, method="dmae"):
     over = tiny_mae_overrides(fmnist_small / "train", tmp_path / "run", **{"method.name": method, "train.epochs": 1})
-    return load_config(None, over + [f"distill.teacher={teacher}", "distill.teacher_model=vit_test", "distill.decoder_block=1"])
+    extra = ["method.decoder_block=1"] if method == "d2mae" else []
+    return load_config(None, over + [f"method.teacher={teacher}", "method.teacher_model=vit_test", *extra])
 
 
 def test_teacher_is_frozen_unwrapped_and_outside_optimizer_and_checkpoint(fmnist_small, tmp_path, teacher_file):
@@ -170,7 +171,7 @@ def test_missing_teacher_is_a_clear_error(fmnist_small, tmp_path):
 
     cfg = load_config("recipes/dmae_tiny_400ep.yaml", [f"data.path={fmnist_small / 'train'}", "data.workers=0", "train.micro_batch=50",
                                                         "train.global_batch=100"])
-    with pytest.raises(ConfigError, match="distill.teacher is required"):
+    with pytest.raises(ConfigError, match="method.teacher is required"):
         build_training(cfg, DistEnv())
 
 
@@ -178,7 +179,8 @@ def test_bench_model_times_mae_with_and_without_a_teacher():
     from fastvit_pt.bench import bench_model
 
     res = bench_model("mae_vit_test", batch=8, img_size=28, patch_size=4, precision="fp32", attn=("math",), steps=2,
-                      warmup=1, device="cpu", timm_reference=None, teacher="vit_test")
+                      warmup=1, device="cpu", timm_reference=None, teacher="vit_test",
+                      methods=("mae", "dmae", "d2mae"), method_settings={"decoder_block": 1})
     rows = {r["method"]: r for r in res["runs"]}
     assert set(rows) == {"mae", "dmae", "d2mae"} and rows["mae"]["ratio_vs_first"] == 1.0
     assert all(r["img_per_s"] > 0 and 0 < r["ratio_vs_first"] for r in rows.values())

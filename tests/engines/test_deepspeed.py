@@ -5,15 +5,24 @@ import shutil
 
 import pytest
 import torch
-from launchers import deepspeed_cmd, final_params, losses, run, single_cmd, torchrun_cmd
+from launchers import assert_same_run, deepspeed_cmd, final_params, losses, run, single_cmd, torchrun_cmd
 
 from conftest import tiny_mae_overrides
 from fastvit_pt.config import ConfigError, load_config
-from fastvit_pt.distributed.deepspeed_engine import deepspeed_config
+from fastvit_pt.engines import deepspeed_engine
 from fastvit_pt.engine.checkpoint import latest_checkpoint
-from test_torchrun import assert_same_run
 
 DS = {"engine.kind": "deepspeed"}
+
+
+def deepspeed_config(cfg, world_size: int, precision: str = "fp32"):
+    """The engine's generated config for `cfg` on `world_size` ranks, through the run plan, as a run builds it."""
+    from fastvit_pt.distributed.env import DistEnv
+    from fastvit_pt.engine.plan import make_plan
+
+    cfg.engine.precision = precision
+    device = torch.device("cuda" if precision == "fp16" else "cpu")  # only a plan: nothing runs there
+    return deepspeed_engine.deepspeed_config(make_plan(cfg, DistEnv(0, world_size, 0, device)), cfg.engine, cfg.optim)
 
 
 def cfg_with(**over):

@@ -8,23 +8,21 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from ..config import Config
 from ..engine.checkpoint import CheckpointError, save_checkpoint
 from .base import Engine
-from .env import DistEnv
 
 
 class TorchEngine(Engine):
     kind = "torch"
 
-    def __init__(self, method: nn.Module, cfg: Config, env: DistEnv, steps_per_epoch: int):
-        super().__init__(method, cfg, env, steps_per_epoch)
+    def __init__(self, method, plan, engine_cfg, optim_cfg):
+        super().__init__(method, plan, engine_cfg, optim_cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         model: nn.Module = self.module
-        if env.distributed:
+        if self.env.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        if cfg.engine.compile:
+        if engine_cfg.compile:
             model = torch.compile(model)
         self.model = model
 
@@ -46,7 +44,7 @@ class TorchEngine(Engine):
         if self.micro_step % self.accum:
             return False
         self._set_lr_for_this_step()
-        clip = self.cfg.optim.clip_grad
+        clip = self.clip_grad
         if clip is not None:
             self.scaler.unscale_(self.optimizer)
             self.grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), clip)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from fastvit_pt.engine.checkpoint import CheckpointError
-from fastvit_pt.eval.checkpoints import export_for_timm, load_backbone, read_backbone
+from fastvit_pt.engine.backbone import export_for_timm, load_backbone, read_backbone
 from fastvit_pt.models import create_model
 
 

@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-import torch.nn as nn
 
-from ..config import Config, ConfigError
+from ..config import ConfigError
 from ..engine.checkpoint import META, CheckpointError, save_checkpoint
-from .base import Engine, accumulation_steps, backbone
-from .env import DistEnv, resolve_precision
+from .base import Engine
 
 # DeepSpeed's own progress print; ours is the progress bar and metrics.jsonl
 _NEVER = 2**31 - 1
@@ -29,21 +27,19 @@ _NEVER = 2**31 - 1
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
-def deepspeed_config(cfg: Config, world_size: int, precision: Optional[str] = None) -> Dict[str, Any]:
-    """The DeepSpeed JSON config for `cfg` on `world_size` ranks, overlay merged. Raises ValueError /
-    ConfigError before any work starts when batch, accumulation and world size disagree."""
-    e, t = cfg.engine, cfg.train
-    precision = precision or resolve_precision(e.precision, torch.device("cpu"))
-    accum = accumulation_steps(t.global_batch, t.micro_batch, world_size)
+def deepspeed_config(plan, engine_cfg, optim_cfg) -> Dict[str, Any]:
+    """The DeepSpeed JSON config for the run `plan` describes, overlay merged. Raises ConfigError before any
+    work starts when the overlay contradicts the recipe."""
+    e = engine_cfg
     out: Dict[str, Any] = {
-        "train_batch_size": t.global_batch,
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": accum,
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accum,
         "zero_optimization": {"stage": e.zero_stage},
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+        "bf16": {"enabled": plan.precision == "bf16"},
+        "fp16": {"enabled": plan.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
-        "gradient_clipping": cfg.optim.clip_grad or 0.0,
+        "gradient_clipping": optim_cfg.clip_grad or 0.0,
         # our AdamW is a client optimizer; ZeRO partitions its state like any torch optimizer's
         "zero_allow_untested_optimizer": True,
         "steps_per_print": _NEVER,
@@ -84,20 +80,31 @@ def _merge_overlay(base: Dict[str, Any], overlay: Dict[str, Any], source: str, w
 class DeepSpeedEngine(Engine):
     kind = "deepspeed"
     checkpoint_is_dir = True
+    needs_process_group = True
 
-    def __init__(self, method: nn.Module, cfg: Config, env: DistEnv, steps_per_epoch: int):
-        super().__init__(method, cfg, env, steps_per_epoch)
-        self.ds_config = deepspeed_config(cfg, env.world_size, self.precision)
+    @classmethod
+    def prepare(cls, plan, engine_cfg, optim_cfg) -> dict:
+        return {"ds_config": deepspeed_config(plan, engine_cfg, optim_cfg)}
+
+    def __init__(self, method, plan, engine_cfg, optim_cfg):
+        super().__init__(method, plan, engine_cfg, optim_cfg)
+        self.ds_config = plan.engine_extra.get("ds_config") or deepspeed_config(plan, engine_cfg, optim_cfg)
         # deepspeed.initialize asserts on LOCAL_RANK even where the process group already exists (one process)
-        os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+        os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))
         import deepspeed
 
         self.ds, _, _, _ = deepspeed.initialize(
             model=self.module, optimizer=self.optimizer, config=self.ds_config, dist_init_required=False
         )
-        if cfg.engine.compile:
+        if engine_cfg.compile:
             self.ds.compile()
-        self.zero_stage = cfg.engine.zero_stage
+        self.zero_stage = engine_cfg.zero_stage
+
+    def describe(self) -> str:
+        return f"deepspeed, ZeRO-{self.zero_stage}"
+
+    def describe_extra(self):
+        return [f"deepspeed       {json.dumps(self.ds_config, sort_keys=True)}"]
 
     @property
     def autocast(self):
@@ -173,13 +180,7 @@ class DeepSpeedEngine(Engine):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             master = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-            prefix = _prefix_of(self.module, backbone(self.module))
+            prefix = self.method.encoder_prefix()
             sd = {k: master[prefix + k].float() if prefix + k in master else v for k, v in sd.items()}
         return save_checkpoint(path, sd)
 
-
-def _prefix_of(root: nn.Module, sub: nn.Module) -> str:
-    for name, m in root.named_modules():
-        if m is sub:
-            return f"{name}." if name else ""
-    return ""
