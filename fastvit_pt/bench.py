@@ -3,6 +3,7 @@ and end-to-end training steps. After warm-up, medians; all cases of one call run
 cases timed in turns, so their ratios are fair on a noisy machine."""
 from __future__ import annotations
 
+import dataclasses
 import platform
 import statistics
 import time
@@ -66,11 +67,17 @@ def _engine_config(model: str, batch: int, img_size: int, patch_size: int, preci
             "method.name": method, "engine.kind": engine, "engine.precision": precision,
             "engine.device": device, "train.global_batch": batch, "train.micro_batch": batch, "optim.warmup_epochs": 0,
             **(extra or {})}
-    cfg = load_config(None, [f"{k}={v}" for k, v in over.items()])
-    for key, value in (method_fields or {}).items():
-        if hasattr(cfg.method, key) and value is not None:
-            setattr(cfg.method, key, value)
-    return cfg.validate()
+    from .methods.configs import section_class
+
+    fields = {f.name for f in dataclasses.fields(section_class(method))}
+    over.update({f"method.{k}": v for k, v in (method_fields or {}).items() if k in fields and v is not None})
+    return load_config(None, [f"{k}={_yaml_value(v)}" for k, v in over.items()])  # typed and validated there
+
+
+def _yaml_value(v) -> str:
+    import json
+
+    return json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
 
 
 def synthetic_batch(views, batch: int, img_size: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -147,6 +154,7 @@ def bench_model(
         init_distributed(dev.type, group_of_one=True)
     torch.manual_seed(0)
     fields = {"mask_ratio": mask_ratio, "teacher": "random", "teacher_model": teacher, **(method_settings or {})}
+    _check_settings(methods, method_settings or {}, teacher)
     # (label, method, engine, attn, config overrides) per row; --ablate: the variants on the first engine and method
     cases = [(_label(model, m, mask_ratio, teacher), m, kind, impl, {}) for kind in engines for impl in attn
              for m in methods]
@@ -214,6 +222,24 @@ def bench_model(
         "runs": rows,
         "env": environment(dev),
     }
+
+
+def _check_settings(methods: Sequence[str], settings: Dict, teacher: Optional[str]) -> None:
+    """A setting none of the timed methods has is an error (a typo would otherwise vanish); a teacher with no
+    method to distil it is a warning."""
+    import warnings
+
+    from .config import ConfigError
+    from .methods.configs import section_class
+
+    owned = {f.name for m in methods for f in dataclasses.fields(section_class(m))}
+    unknown = sorted(set(settings) - owned)
+    if unknown:
+        raise ConfigError(f"method settings {', '.join(unknown)}: none of the methods {', '.join(methods)} has them "
+                          f"(their settings: {', '.join(sorted(owned - {'name'}))})")
+    if teacher and "teacher" not in owned:
+        warnings.warn(f"--teacher {teacher} has no effect: none of the methods {', '.join(methods)} distils a teacher "
+                      "(add --method dmae,d2mae)", stacklevel=3)
 
 
 def _label(model: str, method: str, mask_ratio: float, teacher: Optional[str]) -> str:
@@ -324,7 +350,7 @@ def _beside_baseline(cfg, env, engine, batches, fixed, windows: int, steps: int,
     from .methods import build_method
     from .methods.configs import section_class, switch_section
 
-    base_cfg = dataclasses.replace(cfg, method=switch_section(cfg.method, type(cfg.method).baseline, {}, drop=True))
+    base_cfg = dataclasses.replace(cfg, method=switch_section(cfg.method, type(cfg.method).baseline, drop=True))
     plan = dataclasses.replace(engine.plan, env=env)
     base_engine = engine_class(cfg.engine.kind)(build_method(base_cfg.method, cfg.model, plan), plan, cfg.engine,
                                                 cfg.optim)

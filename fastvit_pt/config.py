@@ -342,7 +342,7 @@ def _merge_method(current: MethodConfig, data: Dict[str, Any], where: str) -> Me
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{where}name: unknown method {name!r}{hint} Known methods: {', '.join(method_names())}")
         try:
-            current = switch_section(current, name, data)
+            current = switch_section(current, name)
         except MethodConfigError as err:
             raise ConfigError(str(err)) from None
         data = {k: v for k, v in data.items() if k != "name"}
@@ -435,14 +435,16 @@ def config_from_dict(data: Dict[str, Any]) -> Config:
     """A stored config (a run's config.yaml, a checkpoint's): older runs kept `finetune:` and `distill:` as
     top-level sections; their keys are read into the method's own section."""
     data = dict(data)
-    method = dict(data.get("method") or {})
-    for section in LEGACY_SECTIONS:
-        old = data.pop(section, None) or {}
+    if any(section in data for section in LEGACY_SECTIONS):
+        # the old layout stored every section whatever the method (a fine-tune's config kept MAE's mask_ratio):
+        # the method's own section takes what belongs to it, from the old method section and the old sections
+        method = dict(data.get("method") or {})
         cls = section_class(method.get("name", "mae"))
-        keep = {f.name for f in dataclasses.fields(cls)} if cls is not None else set()
-        method.update({k: v for k, v in old.items() if k in keep})
-    if method:
-        data["method"] = method
+        keep = {f.name for f in dataclasses.fields(cls)} if cls is not None else set(method)
+        merged = {k: v for k, v in method.items() if k in keep}
+        for section in LEGACY_SECTIONS:
+            merged.update({k: v for k, v in (data.pop(section, None) or {}).items() if k in keep})
+        data["method"] = merged
     cfg = Config()
     _merge(cfg, data)
     return cfg.validate()

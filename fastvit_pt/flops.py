@@ -46,7 +46,11 @@ def train_flops_per_image(method: nn.Module, batch, samples: int = 2) -> float:
     for m in clone.modules():  # the CPU's fused attention kernel escapes the counter; explicit matmuls do not
         if hasattr(m, "attn_impl"):
             m.attn_impl = "math"
-    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+    from .methods.base import local_only
+
+    # local_only: the CPU copy is this rank's alone; a collective on it would wait for the others (or find no
+    # CPU backend under NCCL)
+    with torch.random.fork_rng(devices=[]), local_only(), FlopCounterMode(display=False) as counter:
         clone(small)["loss"].backward()
     return counter.get_total_flops() / samples
 

@@ -5,7 +5,7 @@ Implemented once, here, as batched torch ops on the device, run by DeviceNormali
 [N, 3, H, W] right before it normalises them. One implementation means the same distribution and the same draws
 on all four backends (the decoders only crop: PIL, the crop decoder, FFCV and DALI would each need their own copy
 and would disagree), and it runs on the GPU, where the batch goes anyway. torchvision's v2 functional ops are the
-reference for each op's formula (tests/pipelines/test_photometric.py compares them); unlike a PIL pipeline, pixels
+reference for each op's formula (tests/pipelines/test_views.py compares them); unlike a PIL pipeline, pixels
 are not rounded to uint8 between ops.
 
 Randomness: every per-sample draw (apply or not, factors, jitter order, blur sigma) is a counter-based hash of

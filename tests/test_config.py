@@ -119,9 +119,22 @@ def test_the_old_sections_are_named_in_recipes_and_read_from_stored_runs(tmp_pat
     with pytest.raises(ConfigError, match=r"'distill:' section is now part of 'method:' \(e.g. distill.teacher is "
                                           r"method.teacher\)"):
         load_config(old)
-    stored = to_dict(load_config(None, ["method.name=finetune"]))
-    stored["method"] = {"name": "finetune"}
-    stored["finetune"] = {"init": "runs/mae", "layer_decay": 0.75, "mixup": 0.0}
-    stored["distill"] = {"teacher": None}  # every old run stored both sections
+    # what every run before method sections wrote: MAE's method keys whatever the method, and both old sections
+    stored = to_dict(load_config(None))
+    stored["method"] = {"name": "finetune", "mask_ratio": 0.75, "norm_pix_loss": True}
+    stored["finetune"] = {"init": "runs/mae", "global_pool": "avg", "layer_decay": 0.75, "mixup": 0.0}
+    stored["distill"] = {"teacher": None, "teacher_model": "vit_base_patch16", "decoder_block": 8}
     cfg = config_from_dict(stored)
     assert (cfg.method.init, cfg.method.layer_decay, cfg.method.mixup) == ("runs/mae", 0.75, 0.0)
+    stored["method"] = {"name": "d2mae", "mask_ratio": 0.6, "norm_pix_loss": True}
+    stored["distill"] = {"teacher": "runs/t", "teacher_model": "vit_small_patch16", "decoder_block": 6}
+    cfg = config_from_dict(stored)
+    assert (cfg.method.mask_ratio, cfg.method.teacher, cfg.method.decoder_block) == (0.6, "runs/t", 6)
+    # a run directory's config.yaml in the old layout is read as a stored config, not refused as a recipe
+    import yaml
+
+    from fastvit_pt.engine.backbone import run_config
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(stored))
+    assert run_config(tmp_path / "run").method.decoder_block == 6

@@ -96,10 +96,19 @@ def read_backbone(path: str | Path) -> Tuple[Dict[str, torch.Tensor], str, Dict[
     return _split(sd, "", f"{kind} {path}")
 
 
+# checkpoints from before the prefix was recorded: fine-tuning kept the classifier at "model.", the MAE family
+# its encoder at "model.encoder."
+_UNRECORDED_PREFIX = {"finetune": "model."}
+
+
 def encoder_prefix(state: Dict) -> str:
     """Where the backbone sits in a training checkpoint's method state dict: recorded by the method that wrote it
-    (Method.encoder_prefix); checkpoints from before it was recorded were MAE-family runs ("model.encoder.")."""
-    return state.get("engine", {}).get("encoder_prefix", "model.encoder.")
+    (Method.encoder_prefix); older checkpoints by their method's layout then."""
+    recorded = state.get("engine", {}).get("encoder_prefix")
+    if recorded is not None:
+        return recorded
+    method = ((state.get("config") or {}).get("method") or {}).get("name", "mae")
+    return _UNRECORDED_PREFIX.get(method, "model.encoder.")
 
 
 def _group(key: str) -> str:
@@ -124,12 +133,18 @@ def _split(sd: Dict[str, torch.Tensor], prefix: str, desc: str):
 def run_config(path: str | Path):
     """The fastvit Config of the run a checkpoint belongs to (its stored config, or the run directory's
     config.yaml beside an exported model-NNNN.pt), or None for checkpoints from elsewhere."""
-    from ..config import config_from_dict, load_config
+    from ..config import config_from_dict
+
+    def stored(yaml_path: Path):
+        """A run's config.yaml is a stored config (older runs: the old section layout), not a recipe."""
+        import yaml
+
+        return config_from_dict(yaml.safe_load(yaml_path.read_text()) or {})
 
     path = Path(path)
     if path.is_dir() and not (path / META).is_file():
         if (path / "config.yaml").is_file():
-            return load_config(path / "config.yaml")
+            return stored(path / "config.yaml")
         path = latest_checkpoint(path) or path
     if path.is_dir() or path.name.startswith("checkpoint-"):
         try:
@@ -137,7 +152,7 @@ def run_config(path: str | Path):
         except (CheckpointError, KeyError):
             return None
     beside = path.parent / "config.yaml"
-    return load_config(beside) if beside.is_file() else None
+    return stored(beside) if beside.is_file() else None
 
 
 def load_backbone(model: nn.Module, path: str | Path) -> ImportReport:

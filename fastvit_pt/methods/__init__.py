@@ -33,9 +33,13 @@ def build_method(section: "MethodConfig", model: "ModelConfig", plan: "RunPlan")
 
 def build_standalone(cfg, num_classes: int = 1000, attn_impl: "str | None" = None) -> "Method":
     """The method a Config describes, outside a run (analysis, tests): one process, the CPU plan."""
+    import dataclasses
+
     from ..distributed.env import DistEnv
     from ..engine.plan import make_plan
 
+    # the run's own precision may need its device (fp16: CUDA); here the method is built for the CPU
+    cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, precision="fp32", device="cpu"))
     plan = make_plan(cfg, DistEnv())
     plan.num_classes = num_classes
     if attn_impl:

@@ -13,6 +13,8 @@ solo-learn's BaseMethod.)
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 import torch
@@ -105,22 +107,47 @@ class Method(nn.Module):
     def load_held_state_dict(self, state: Dict[str, Dict[str, torch.Tensor]]) -> None:
         want = {name for name, (_, saved) in self._held.items() if saved}
         if set(state) != want:
-            raise KeyError(f"held modules in the checkpoint: {sorted(state)}; this method holds {sorted(want)}")
+            from ..engine.checkpoint import CheckpointError
+
+            raise CheckpointError(f"the checkpoint holds the modules {sorted(state)} beside the method, and this "
+                                  f"method holds {sorted(want)}: it was written by another method or version")
         for name in want:
             self._held[name][0].load_state_dict(state[name])
+
+
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def local_only():
+    """Within it, a method acts as one process: no collective (gather_across_ranks, rank-synced statistics).
+    For work on a private copy that other ranks do not mirror, such as counting FLOPs on the CPU under NCCL."""
+    before = getattr(_LOCAL, "on", False)
+    _LOCAL.on = True
+    try:
+        yield
+    finally:
+        _LOCAL.on = before
+
+
+def world_size() -> int:
+    """Ranks a method's collectives span: 1 outside a process group, and within local_only()."""
+    dist = torch.distributed
+    if getattr(_LOCAL, "on", False) or not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if world_size() > 1 else 0
 
 
 def gather_across_ranks(x: torch.Tensor) -> torch.Tensor:
     """[N, ...] on each rank -> [world * N, ...] in rank order, no gradient (moco-v3's concat_all_gather). A
     single process returns x itself."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world = world_size()
+    if world == 1:
         return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
+    out = [torch.empty_like(x) for _ in range(world)]
+    torch.distributed.all_gather(out, x.contiguous())
     return torch.cat(out)
-
-
-def rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -212,6 +212,9 @@ class MoCoV3Config(MethodConfig):
                                     f"got {self.momentum} and {self.momentum_end}")
         if min(self.dim, self.mlp_dim, self.proj_layers, self.pred_layers) < 1:
             raise MethodConfigError("method.dim, mlp_dim, proj_layers and pred_layers must be >= 1")
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise MethodConfigError(f"method.crop_scale: need 0 < low <= high <= 1, got {self.crop_scale}")
         for key in ("color_jitter", "grayscale"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise MethodConfigError(f"method.{key}: a probability in [0, 1] is expected, got {getattr(self, key)}")
@@ -230,10 +233,10 @@ class MoCoV3Config(MethodConfig):
 LEGACY_SECTIONS = ("finetune", "distill")
 
 
-def switch_section(old: MethodConfig, name: str, explicit: Dict[str, object], drop: bool = False) -> MethodConfig:
+def switch_section(old: MethodConfig, name: str, drop: bool = False) -> MethodConfig:
     """`old` as method `name`'s section: shared fields keep their values; a field the new section lacks must
-    be at its default (or be about to be overwritten) or it is an error, never silently dropped (drop=True:
-    dropped, for a deliberate comparison such as D-MAE's recipe as plain MAE)."""
+    be at its default or it is an error, never silently dropped (drop=True: dropped, for a deliberate comparison
+    such as D-MAE's recipe as plain MAE)."""
     cls = _REGISTRY[name]
     if type(old) is cls:
         return old
@@ -246,8 +249,9 @@ def switch_section(old: MethodConfig, name: str, explicit: Dict[str, object], dr
         value = getattr(old, f.name)
         if f.name in new_fields:
             setattr(new, f.name, value)
-        elif value != getattr(defaults, f.name) and f.name not in explicit and not drop:
+        elif value != getattr(defaults, f.name) and not drop:
             raise MethodConfigError(f"method.{f.name}={value!r} is a setting of method {old.name!r}, which method "
-                                    f"{name!r} does not have; remove it")
+                                    f"{name!r} does not have; start from a recipe for method {name!r}, or one that "
+                                    f"leaves method.{f.name} at its default")
     new.name = name
     return new

@@ -1,6 +1,6 @@
 """D2-MAE (mae-lite): D-MAE with the two targets decoupled in depth. The student has a 13th block that keeps
 only norm1 + qkv: its attention logits, read on top of block 12, are distilled from the teacher's last layer,
-while the MAE decoder reconstructs from block 8's output (`distill.decoder_block`). Downstream keeps blocks
+while the MAE decoder reconstructs from block 8's output (`method.decoder_block`). Downstream keeps blocks
 1-12 (the exported encoder); the 13th block and the decoder are pre-training only."""
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ class DMAE(Method):
                              f"{enc.patch_embed.num_patches}: give both the same model.img_size and model.patch_size")
         bad = [i for i in hidden_layers if not (0 <= i < min(enc.depth, teacher.depth))]
         if bad:
-            raise ValueError(f"distill.hidden_layers {bad} are not blocks of both student ({enc.depth}) and teacher "
+            raise ValueError(f"method.hidden_layers {bad} are not blocks of both student ({enc.depth}) and teacher "
                              f"({teacher.depth})")
         self.model, self.mask_ratio = model, mask_ratio
         self.attn_weight, self.hidden_weight = attn_weight, hidden_weight

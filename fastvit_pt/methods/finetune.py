@@ -1,5 +1,5 @@
 """Supervised fine-tuning of a pre-trained backbone (mae-lite's improved recipe, or MAE's): a classifier ViT
-whose backbone comes from `finetune.init`, with a fresh head, timm's Mixup / CutMix and RandomErasing on the
+whose backbone comes from `method.init`, with a fresh head, timm's Mixup / CutMix and RandomErasing on the
 device, and layer-wise lr decay groups for the engine's optimizer."""
 from __future__ import annotations
 

@@ -23,14 +23,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models import VisionTransformer, create_model
-from .base import Method, gather_across_ranks, rank
+from .base import Method, gather_across_ranks, rank, world_size
 from .configs import MoCoV3Config
 
 
 class RankSyncedBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose batch statistics cover every rank's batch (SyncBatchNorm's maths, on any backend, with
-    autograd through the all-reduce). Computed in fp32 whatever the module's dtype (DeepSpeed casts parameters
-    to bf16 but not these buffers; CPU autocast leaves batch_norm's mixed dtypes to fail), returned in the input's."""
+    autograd through the all-reduce). Computed in fp32 whatever the module's dtype (the parameters and buffers in
+    bf16 where DeepSpeed cast the module, inputs in bf16 under autocast, where CPU batch_norm refuses mixed
+    dtypes), returned in the input's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -41,8 +42,7 @@ class RankSyncedBatchNorm1d(nn.BatchNorm1d):
                                 self.eps).to(x.dtype)
         n = torch.tensor([float(x.shape[0])], device=x.device)
         stats = torch.cat([xf.sum(0), (xf * xf).sum(0), n])
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if world_size() > 1:
             from torch.distributed.nn.functional import all_reduce
 
             stats = all_reduce(stats)  # one collective, with a backward
@@ -96,7 +96,8 @@ def mocov3_init_(vit: VisionTransformer) -> None:
             bound = math.sqrt(6.0 / float(m.weight.shape[0] // 3 + m.weight.shape[1]))
             nn.init.uniform_(m.weight, -bound, bound)
     proj = vit.patch_embed.proj
-    bound = math.sqrt(6.0 / float(3 * proj.weight.shape[2] * proj.weight.shape[3] + proj.weight.shape[0]))
+    fan_in = proj.weight.shape[1] * proj.weight.shape[2] * proj.weight.shape[3]  # moco-v3: 3 x p x p (RGB)
+    bound = math.sqrt(6.0 / float(fan_in + proj.weight.shape[0]))
     nn.init.uniform_(proj.weight, -bound, bound)
     nn.init.zeros_(proj.bias)
     nn.init.normal_(vit.cls_token, std=1e-6)

@@ -187,3 +187,11 @@ def test_bench_model_times_mae_with_and_without_a_teacher():
     assert "teacher vit_test" in rows["dmae"]["name"]
     # each case's MFU is against its own FLOPs: the teacher's forward is counted in the distilled rows
     assert rows["dmae"]["gflops_per_image"] > rows["mae"]["gflops_per_image"] == res["train_gflops_per_image"]
+
+
+def test_bench_model_refuses_a_setting_no_method_has():
+    from fastvit_pt.bench import bench_model
+
+    with pytest.raises(ConfigError, match="decoder_blok: none of the methods mae, dmae has them"):
+        bench_model("mae_vit_test", batch=4, img_size=28, patch_size=4, device="cpu", timm_reference=None,
+                    methods=("mae", "dmae"), method_settings={"decoder_blok": 1})
