@@ -348,13 +348,11 @@ def _beside_baseline(cfg, env, engine, batches, fixed, windows: int, steps: int,
 
     from .engines import engine_class
     from .methods import build_method
-    from .methods.configs import section_class, switch_section
+    from .methods.configs import switch_section
 
-    base_cfg = dataclasses.replace(cfg, method=switch_section(cfg.method, type(cfg.method).baseline, drop=True))
-    plan = dataclasses.replace(engine.plan, env=env)
-    base_engine = engine_class(cfg.engine.kind)(build_method(base_cfg.method, cfg.model, plan), plan, cfg.engine,
-                                                cfg.optim)
-    assert section_class(base_cfg.method.name) is not None
+    base_section = switch_section(cfg.method, type(cfg.method).baseline, drop=True)
+    base_engine = engine_class(cfg.engine.kind)(build_method(base_section, cfg.model, engine.plan), engine.plan,
+                                                cfg.engine, cfg.optim)
     micro, dev = cfg.train.micro_batch, env.device
     res: Dict[str, Dict[str, List[float]]] = {"model": {"with": [], "without": []}, "e2e": {"with": [], "without": []}}
     for w in range(windows):  # with / without, window by window
@@ -364,7 +362,7 @@ def _beside_baseline(cfg, env, engine, batches, fixed, windows: int, steps: int,
                                             progress)
             res["e2e"][which] += _windows(_loader_step(eng, batches), dev, 1, steps, warmup if w == 0 else 1, progress)
     world = env.world_size
-    out = {"baseline": base_cfg.method.name}
+    out = {"baseline": base_section.name}
     for name in ("model", "e2e"):
         per_rank = statistics.median(res[name]["without"])
         out[name] = {"img_per_s": round(per_rank * world, 1), "img_per_s_per_rank": round(per_rank, 1),

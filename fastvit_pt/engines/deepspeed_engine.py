@@ -88,7 +88,7 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, method, plan, engine_cfg, optim_cfg):
         super().__init__(method, plan, engine_cfg, optim_cfg)
-        self.ds_config = plan.engine_extra.get("ds_config") or deepspeed_config(plan, engine_cfg, optim_cfg)
+        self.ds_config = plan.engine_extra["ds_config"]  # resolved once, by prepare(), before anything was built
         # deepspeed.initialize asserts on LOCAL_RANK even where the process group already exists (one process)
         os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))
         import deepspeed
