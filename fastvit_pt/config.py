@@ -318,7 +318,10 @@ def _merge(obj: Any, data: Dict[str, Any], where: str = "") -> None:
             if where == "" and key in LEGACY_SECTIONS:
                 raise ConfigError(f"the '{key}:' section is now part of 'method:' (e.g. {key}.{_LEGACY_EXAMPLE[key]} is "
                                   f"method.{_LEGACY_EXAMPLE[key]}); move its keys there")
-            raise _unknown_key(str(key), names, where)
+            err = _unknown_key(str(key), names, where)
+            if isinstance(obj, MethodConfig):  # a key of another method's section: say whose section this is
+                raise ConfigError(f"method {obj.name!r} has no setting '{key}': {err}")
+            raise err
         current = getattr(obj, key)
         if isinstance(current, MethodConfig):
             setattr(obj, key, _merge_method(current, value, f"{where}{key}."))
@@ -346,12 +349,6 @@ def _merge_method(current: MethodConfig, data: Dict[str, Any], where: str) -> Me
         except MethodConfigError as err:
             raise ConfigError(str(err)) from None
         data = {k: v for k, v in data.items() if k != "name"}
-    if isinstance(data, dict):
-        names = [f.name for f in dataclasses.fields(current)]
-        for key in data:
-            if key not in names:
-                err = _unknown_key(str(key), names, where)
-                raise ConfigError(f"method {current.name!r} has no setting '{key}': {err}")
     _merge(current, data, where)
     return current
 

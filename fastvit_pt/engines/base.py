@@ -101,8 +101,7 @@ class Engine:
 
     def _load_counters(self, state: Dict[str, Any]) -> None:
         self.global_step, self.micro_step = state["global_step"], state["micro_step"]
-        self.method.load_held_state_dict(state.get("held", {}))
-        self.method.place_held(self.device)
+        self.method.load_held_state_dict(state.get("held", {}))  # copied into the placed tensors: device, dtype kept
         self.lr = self.schedule(self.global_step)
 
     def backbone_state_dict(self) -> Dict[str, torch.Tensor]:
