@@ -8,8 +8,9 @@
 #              RandomResizedCrop + flip on the GPU into a normalised bf16 batch) and turbo (the crop decoder in 12
 #              threads, uint8 to the GPU; built first where gcc and libjpeg's headers exist) beside the torchvision
 #              reference loader (PIL in 12 workers) and PIL decode-only, all in one run
-#   teacher    bench model --method mae,dmae,d2mae,mocov3 --teacher vit_base_patch16: what D-MAE's and D2-MAE's
-#              frozen ViT-Base costs, and MoCo-v3's two views and momentum encoder, beside MAE
+#   teacher    bench model --method mae,dmae,d2mae,mocov3,dino,simmim --teacher vit_base_patch16: what D-MAE's and
+#              D2-MAE's frozen ViT-Base costs, MoCo-v3's two views and momentum encoder, DINO's 2 + 10 crops and
+#              SimMIM's full-token encoder, beside MAE
 #   ablation   bench model --ablate: SDPA, fused AdamW, bf16, torch.compile each alone, then all (~2 compiles)
 # Each step runs under its own timeout and the overall --budget, writes OUT/<step>.json the moment it ends, and
 # appends one line to OUT/steps.log (a failed step also its output's last lines); a failed step never stops the
@@ -110,7 +111,8 @@ imports() {
 if [ -n "$tiny" ]; then  # seconds per step: same commands, test sizes
   n_photos=64 workers=2 teacher=vit_test
   size=(--model mae_vit_test --img-size 32 --patch-size 8 --batch 4)
-  method_set=(decoder_block=1 mlp_dim=64)  # settings of the methods that have them, at test size
+  # settings of the methods that have them, at test size (DINO's local crops: 16 px of a 32-px model)
+  method_set=(decoder_block=1 mlp_dim=64 local_size=16 out_dim=64 hidden_dim=32 bottleneck_dim=16)
   timed=(--steps 1 --warmup 1) ablation_timed=(--steps 1 --warmup 1)
   e2e=(model.name=mae_vit_test model.img_size=32 model.patch_size=8 train.global_batch=4 train.micro_batch=4
        --steps 2 --warmup 1 --windows 2)
@@ -233,8 +235,8 @@ fi
 step loader 240 "${FV[@]}" bench loader --data "$data" --backends "$loader_backends" --workers "$workers" \
   "${loader[@]}" --device "$device" --precision bf16 --json "$out_dir/loader.json"
 
-step teacher 240 "${FV[@]}" bench model "${size[@]}" "${timed[@]}" --device "$device" --precision bf16 --attn sdpa \
-  --timm-ref none --method mae,dmae,d2mae,mocov3 --teacher "$teacher" --json "$out_dir/teacher.json" \
+step teacher 360 "${FV[@]}" bench model "${size[@]}" "${timed[@]}" --device "$device" --precision bf16 --attn sdpa \
+  --timm-ref none --method mae,dmae,d2mae,mocov3,dino,simmim --teacher "$teacher" --json "$out_dir/teacher.json" \
   "${method_set[@]}"
 
 selected ablation && [ ${#no_compile[@]} -gt 0 ] \

@@ -125,7 +125,7 @@ def bench_model(
     steps: int = 10,
     warmup: int = 3,
     device: str = "auto",
-    mask_ratio: float = 0.75,
+    mask_ratio: Optional[float] = None,
     timm_reference: Optional[str] = "vit_tiny_patch16_224",
     progress: Optional[Callable] = None,
     engines: Sequence[str] = ("torch",),
@@ -242,13 +242,13 @@ def _check_settings(methods: Sequence[str], settings: Dict, teacher: Optional[st
                       "(add --method dmae,d2mae)", stacklevel=3)
 
 
-def _label(model: str, method: str, mask_ratio: float, teacher: Optional[str]) -> str:
+def _label(model: str, method: str, mask_ratio: Optional[float], teacher: Optional[str]) -> str:
     from .methods.configs import section_class
 
     section = section_class(method)()
     parts = [method]
-    if hasattr(section, "mask_ratio"):
-        parts.append(f"mask {mask_ratio}")
+    if hasattr(section, "mask_ratio"):  # None: the method's own (MAE 0.75, SimMIM 0.6)
+        parts.append(f"mask {section.mask_ratio if mask_ratio is None else mask_ratio}")
     if hasattr(section, "teacher"):
         parts.append(f"random teacher {(teacher or section.teacher_model).removeprefix('mae_')}")
     return f"{model} ({', '.join(parts)})"

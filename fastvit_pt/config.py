@@ -24,6 +24,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ENGINES = ("torch", "deepspeed")
 ATTN_IMPLS = ("auto", "sdpa", "math")
 OPTIMIZERS = ("adamw", "sgd")
+CLIP_MODES = ("norm", "param")
 
 
 class ConfigError(ValueError):
@@ -49,11 +50,19 @@ class ModelConfig:
 @dataclass
 class EvalConfig:
     path: str = ""
-    """Held-out images (class-folder tree, or .beton) scored during training; empty = no evaluation."""
+    """Held-out images (class-folder tree, or .beton) scored during training (a classifier's top-1, and the k-NN
+    monitor's queries); empty = no evaluation."""
     every_epochs: int = 1
     """Epochs between evaluations; the last epoch is always evaluated."""
     micro_batch: int = 256
     """Images per evaluation forward pass on one rank."""
+    knn_every_epochs: int = 0
+    """Epochs between k-NN monitor scores of the backbone (any method; k, temperature from knn:); 0 = off; the
+    last epoch is always scored. Needs eval.path (the queries)."""
+    knn_train: str = ""
+    """The k-NN monitor's bank images (class-folder tree, or .beton); empty = data.path."""
+    knn_train_samples: int = 10000
+    """At most this many bank images: a fixed random subset drawn from train.seed, the same at every score; 0 = all."""
 
 
 @dataclass
@@ -100,8 +109,14 @@ class OptimConfig:
     """AdamW epsilon."""
     warmup_epochs: float = 40.0
     """Linear warm-up length, applied per iteration."""
+    weight_decay_end: Optional[float] = None
+    """Weight decay at the last step, reached on a half-cosine from weight_decay per iteration (DINO: 0.04 -> 0.4);
+    null keeps weight_decay constant."""
     clip_grad: Optional[float] = None
-    """Clip the global gradient norm to this value; null disables."""
+    """Clip gradients to this norm; null disables."""
+    clip_mode: str = "norm"
+    """norm: the global norm of all gradients (timm, MAE); param: each parameter's own norm (DINO's
+    clip_gradients; the torch engine only: DeepSpeed clips the global norm)."""
     optimizer: str = "adamw"
     """adamw, or sgd (momentum, Nesterov: mae-lite's transfer recipe)."""
     momentum: float = 0.9
@@ -181,6 +196,12 @@ class Config:
             raise ConfigError(str(err)) from None
         if self.eval.every_epochs < 1 or self.eval.micro_batch < 1:
             raise ConfigError("eval.every_epochs and eval.micro_batch must be >= 1")
+        if self.eval.knn_every_epochs < 0 or self.eval.knn_train_samples < 0:
+            raise ConfigError(f"eval.knn_every_epochs and eval.knn_train_samples must be >= 0 (0: off, all), got "
+                              f"{self.eval.knn_every_epochs} and {self.eval.knn_train_samples}")
+        if self.eval.knn_every_epochs and not self.eval.path:
+            raise ConfigError(f"eval.knn_every_epochs={self.eval.knn_every_epochs} needs eval.path: the held-out "
+                              "images the k-NN monitor scores (e.g. eval.path=data/fmnist/test)")
         if self.knn.k < 1 or self.knn.temperature <= 0 or self.knn.batch < 1:
             raise ConfigError(f"knn: need k >= 1, temperature > 0 and batch >= 1, got {self.knn}")
         lp = self.linprobe
@@ -188,8 +209,16 @@ class Config:
             raise ConfigError(f"linprobe.optimizer: expected lars or sgd, got {lp.optimizer!r}")
         if lp.epochs < 1 or lp.batch < 1 or lp.warmup_epochs < 0 or lp.blr <= 0:
             raise ConfigError(f"linprobe: need epochs >= 1, batch >= 1, warmup_epochs >= 0 and blr > 0, got {lp}")
-        if self.optim.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optim.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optim.optimizer!r}")
+        o = self.optim
+        if o.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optim.optimizer: expected one of {', '.join(OPTIMIZERS)}, got {o.optimizer!r}")
+        if o.clip_mode not in CLIP_MODES:
+            raise ConfigError(f"optim.clip_mode: expected one of {', '.join(CLIP_MODES)}, got {o.clip_mode!r}")
+        if o.clip_grad is not None and o.clip_grad <= 0:
+            raise ConfigError(f"optim.clip_grad must be > 0 (null disables clipping), got {o.clip_grad}")
+        if o.weight_decay < 0 or (o.weight_decay_end is not None and o.weight_decay_end < 0):
+            raise ConfigError(f"optim.weight_decay and optim.weight_decay_end must be >= 0, got {o.weight_decay} and "
+                              f"{o.weight_decay_end}")
         if e.kind not in ENGINES:
             raise ConfigError(f"engine.kind: expected one of {', '.join(ENGINES)}, got {e.kind!r}")
         if e.zero_stage not in (0, 1, 2):
@@ -238,7 +267,8 @@ class Config:
                                f"fastvit convert SRC {data}")
         elif not data.is_dir():
             missing.append(f"data folder not found: {data} (data.path; expected ROOT/<class>/<image> files)")
-        for key, value in (("eval.path", self.eval.path), ("engine.deepspeed_config", self.engine.deepspeed_config),
+        for key, value in (("eval.path", self.eval.path), ("eval.knn_train", self.eval.knn_train),
+                           ("engine.deepspeed_config", self.engine.deepspeed_config),
                            *self.method.paths().items()):
             if value and not Path(value).exists():
                 missing.append(f"{key}: not found: {value}")

@@ -37,7 +37,9 @@ def run(cmd: list, ok: bool = True, timeout: int = 300) -> subprocess.CompletedP
 
 
 def losses(run_dir: Path) -> list:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The training losses logged, in order (evaluation and k-NN rows carry none)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
 
 
 def final_params(run_dir: Path) -> dict:

@@ -26,6 +26,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .evaluate import BEST_MODEL, build_eval_loader, evaluate, read_best, write_best
+from .knn_monitor import KnnMonitor
 from .metrics import MetricLogger, Progress, format_eta
 from .plan import make_plan
 
@@ -56,6 +57,7 @@ class TrainResult:
     losses: List[float] = field(default_factory=list)  # one per log interval, for tests and summaries
     evals: List[dict] = field(default_factory=list)  # {"epoch", "top1", "top5", "loss", "images", "precision"} each
     best: Optional[dict] = None  # the best evaluation so far (also in best.json; its weights in model-best.pt)
+    knn: List[dict] = field(default_factory=list)  # {"epoch", "knn_top1", "knn_top5", "bank", "queries", "seconds"}
 
 
 def seed_everything(seed: int) -> None:
@@ -89,12 +91,13 @@ def build_training(cfg: Config, env: DistEnv):
     )
     plan.set_data(len(loader), len(loader.classes), cfg.data.path)
     method = build_method(cfg.method, cfg.model, plan)
-    if cfg.eval.path and not method.classifies:
+    if cfg.eval.path and not method.classifies and not cfg.eval.knn_every_epochs:
         from ..methods.configs import method_names, section_class
 
         classifiers = ", ".join(n for n in method_names() if section_class(n).classifies)
-        raise ValueError(f"eval.path is set, but method {cfg.method.name!r} does not classify; evaluation during "
-                         f"training is for classifiers (method.name: {classifiers}). Use fastvit knn / linprobe instead.")
+        raise ValueError(f"eval.path is set, but method {cfg.method.name!r} does not classify; top-1 evaluation during "
+                         f"training is for classifiers (method.name: {classifiers}). To score its backbone by k-NN on "
+                         "eval.path during training set eval.knn_every_epochs (e.g. 5), or use fastvit knn / linprobe.")
     engine = engine_cls(method, plan, cfg.engine, cfg.optim)
     return loader, method, engine, plan
 
@@ -155,7 +158,8 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
     state = load_checkpoint(resume_path) if resume_path else None  # fail before building anything
     seed_everything(t.seed + env.rank)
     loader, method, engine, plan = build_training(cfg, env)
-    eval_loader = build_eval_loader(cfg, env, plan.dtype)
+    eval_loader = build_eval_loader(cfg, env, plan.dtype) if method.classifies else None
+    knn = KnnMonitor(cfg, env, plan.dtype) if cfg.eval.knn_every_epochs else None
     micro_per_epoch = plan.micro_per_epoch
     start_epoch = 0
     if state is not None:
@@ -246,6 +250,13 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
                 if env.is_main:
                     print(f"eval epoch {epoch + 1}: top-1 {ev['top1']:.2f}%  top-5 {ev['top5']:.2f}%  loss {ev['loss']:.4f}"
                           f"  (best top-1 {result.best['top1']:.2f}% at epoch {result.best['epoch']})", file=sys.stderr)
+            if knn is not None and ((epoch + 1) % cfg.eval.knn_every_epochs == 0 or epoch + 1 == t.epochs):
+                kn = {"epoch": epoch + 1, **knn(engine, f"knn {epoch + 1}/{t.epochs}")}
+                result.knn.append(kn)
+                logger.log(engine.global_step, {k: kn[k] for k in ("epoch", "knn_top1", "knn_top5")})
+                if env.is_main:
+                    print(f"knn epoch {epoch + 1}: top-1 {kn['knn_top1']:.2f}%  top-5 {kn['knn_top5']:.2f}%  (bank "
+                          f"{kn['bank']}, queries {kn['queries']}, {kn['seconds']:.1f} s)", file=sys.stderr)
             if (epoch + 1) % t.save_every_epochs == 0 or epoch + 1 == t.epochs:
                 meta = {"epoch": epoch, "rng": _gather_rng(env), "config": to_dict(cfg), "engine_kind": engine.kind}
                 path = checkpoint_path(run_dir, epoch + 1, directory=engine.checkpoint_is_dir)

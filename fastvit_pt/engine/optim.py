@@ -36,8 +36,14 @@ def build_adamw(groups: List[Dict], lr: float, betas, eps: float, device: torch.
 
 
 def build_optimizer(groups: List[Dict], o, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer `o` (an OptimConfig) names over `groups`: AdamW, or SGD with (Nesterov) momentum."""
+    """The optimizer `o` (an OptimConfig) names over `groups`: AdamW, or SGD with (Nesterov) momentum.
+
+    Besides torch's keys a group may carry `lr_scale` (its share of the scheduled lr: layer decay) and
+    `frozen_steps` (lr 0 for the first N optimizer steps: DINO's frozen last layer); `wd_scale` (its share of the
+    scheduled weight decay) is set here from the weight decay the method gave it."""
     groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]  # names are for people, not torch
+    for g in groups:
+        g.setdefault("wd_scale", g["weight_decay"] / o.weight_decay if o.weight_decay else 0.0)
     if o.optimizer == "sgd":
         fused = device.type == "cuda" if o.fused is None else o.fused
         kw = {"fused": True} if fused else {"foreach": True}
@@ -60,9 +66,39 @@ class WarmupCosine:
         return self.floor + (self.peak - self.floor) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+class CosineValue:
+    """A value on a half-cosine per iteration, `start` at step 0 to `end` at `total` (DINO's cosine_scheduler
+    without warm-up: its weight-decay and teacher-momentum schedules)."""
+
+    def __init__(self, start: float, end: float, total: int):
+        self.start, self.end, self.total = start, end, max(1, total)
+
+    def __call__(self, step: int) -> float:
+        t = min(step, self.total) / self.total
+        return self.end + 0.5 * (self.start - self.end) * (1.0 + math.cos(math.pi * t))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, step: int = 0, weight_decay: "float | None" = None) -> None:
+    """Each group's lr for optimizer step `step` (0-based): lr x lr_scale, or 0 while the group is frozen; with
+    weight_decay, each group's decay as weight_decay x wd_scale (a scheduled decay)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
+        g["lr"] = 0.0 if step < g.get("frozen_steps", 0) else lr * g.get("lr_scale", 1.0)
+        if weight_decay is not None:
+            g["weight_decay"] = weight_decay * g.get("wd_scale", 1.0)
+
+
+@torch.no_grad()
+def clip_per_parameter_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """DINO's utils.clip_gradients: each parameter's gradient scaled to norm <= max_norm on its own (coefficient
+    max_norm / (norm + 1e-6) where below 1). Returns the global norm before clipping, for the log."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coefs = [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms]
+    torch._foreach_mul_(grads, coefs)
+    return total
 
 
 def vit_layer_id(name: str, depth: int) -> int:

@@ -147,9 +147,18 @@ def describe_plan(cfg: Config) -> str:
         f"peak lr {plan.peak_lr:.3g}, warm-up {cfg.optim.warmup_epochs:g} epochs",
     ]
     scales = sorted({g.get("lr_scale", 1.0) for g in engine.optimizer.param_groups})
-    lines.append(f"optimizer       {cfg.optim.optimizer}, {len(engine.optimizer.param_groups)} parameter groups, "
-                 f"lr scales {scales[0]:.3g}..{scales[-1]:.3g}")
-    if cfg.eval.path:
-        lines.append(f"eval            {cfg.eval.path} every {cfg.eval.every_epochs} epoch(s), best kept as model-best.pt")
+    o = cfg.optim
+    wd = f"{o.weight_decay:g}" + ("" if o.weight_decay_end is None else f" -> {o.weight_decay_end:g} (cosine)")
+    how = "per parameter" if o.clip_mode == "param" else "global norm"
+    clip = "no clipping" if o.clip_grad is None else f"clip {o.clip_grad:g} ({how})"
+    lines.append(f"optimizer       {o.optimizer}, {len(engine.optimizer.param_groups)} parameter groups, "
+                 f"lr scales {scales[0]:.3g}..{scales[-1]:.3g}, weight decay {wd}, {clip}")
+    e = cfg.eval
+    if e.path and method.classifies:
+        lines.append(f"eval            {e.path} every {e.every_epochs} epoch(s), best kept as model-best.pt")
+    if e.knn_every_epochs:
+        bank = f"up to {e.knn_train_samples} images" if e.knn_train_samples else "all images"
+        lines.append(f"knn monitor     {e.path} against {bank} of {e.knn_train or cfg.data.path} every "
+                     f"{e.knn_every_epochs} epoch(s), k={cfg.knn.k}, T={cfg.knn.temperature:g}")
     lines += engine.describe_extra()
     return "\n".join(line for line in lines if line is not None)

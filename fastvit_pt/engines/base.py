@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 import torch
 
 from ..engine.checkpoint import save_checkpoint
-from ..engine.optim import WarmupCosine, build_optimizer, set_lr
+from ..engine.optim import CosineValue, WarmupCosine, build_optimizer, set_lr
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import EngineConfig, OptimConfig
@@ -40,7 +40,7 @@ class Engine:
     def __init__(self, method: "Method", plan: "RunPlan", engine_cfg: "EngineConfig", optim_cfg: "OptimConfig"):
         self.plan, self.env = plan, plan.env
         self.device, self.precision, self.dtype, self.accum = plan.device, plan.precision, plan.dtype, plan.accum
-        self.clip_grad = optim_cfg.clip_grad
+        self.clip_grad, self.clip_mode = optim_cfg.clip_grad, optim_cfg.clip_mode
         self.method = method
         self.module = method.to(self.device)
         method.place_held(self.device)
@@ -49,6 +49,9 @@ class Engine:
         self.optimizer = build_optimizer(method.param_groups(optim_cfg.weight_decay), optim_cfg, plan.peak_lr,
                                          self.device)
         self.schedule = WarmupCosine(plan.peak_lr, plan.total_steps, plan.warmup_steps, optim_cfg.min_lr)
+        o = optim_cfg
+        self.wd_schedule = None if o.weight_decay_end is None else CosineValue(o.weight_decay, o.weight_decay_end,
+                                                                                 plan.total_steps)
         self.micro_step = 0
         self.global_step = 0
         self.grad_norm: Optional[torch.Tensor] = None
@@ -89,11 +92,15 @@ class Engine:
 
     def after_step(self) -> Dict[str, float]:
         """The method's after-step work (EMA updates, scalar schedules) once an optimizer step is done."""
-        return self.method.after_step(self.global_step, self.plan.total_steps)
+        self.method.steps_done = self.global_step
+        out = self.method.after_step(self.global_step, self.plan.total_steps)
+        return out if self.wd_schedule is None else {**out, "weight_decay": self.wd_schedule(self.global_step)}
 
     def _set_lr_for_this_step(self) -> None:
+        """lr (and a scheduled weight decay) for the optimizer step about to run, the global_step-th (0-based)."""
         self.lr = self.schedule(self.global_step)
-        set_lr(self.optimizer, self.lr)
+        wd = None if self.wd_schedule is None else self.wd_schedule(self.global_step)
+        set_lr(self.optimizer, self.lr, self.global_step, wd)
 
     def counters(self) -> Dict[str, Any]:
         return {"global_step": self.global_step, "micro_step": self.micro_step,
@@ -101,6 +108,7 @@ class Engine:
 
     def _load_counters(self, state: Dict[str, Any]) -> None:
         self.global_step, self.micro_step = state["global_step"], state["micro_step"]
+        self.method.steps_done = self.global_step
         self.method.load_held_state_dict(state.get("held", {}))  # copied into the placed tensors: device, dtype kept
         self.lr = self.schedule(self.global_step)
 

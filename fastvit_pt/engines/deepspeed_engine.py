@@ -84,6 +84,10 @@ class DeepSpeedEngine(Engine):
 
     @classmethod
     def prepare(cls, plan, engine_cfg, optim_cfg) -> dict:
+        if optim_cfg.clip_grad is not None and optim_cfg.clip_mode != "norm":
+            raise ConfigError(f"optim.clip_mode={optim_cfg.clip_mode}: DeepSpeed clips the global gradient norm only "
+                              "(its gradients are flat partitioned buffers); use optim.clip_mode=norm with "
+                              "engine.kind=deepspeed, or engine.kind=torch")
         return {"ds_config": deepspeed_config(plan, engine_cfg, optim_cfg)}
 
     def __init__(self, method, plan, engine_cfg, optim_cfg):

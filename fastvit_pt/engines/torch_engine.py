@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..engine.checkpoint import CheckpointError, save_checkpoint
+from ..engine.optim import clip_per_parameter_
 from .base import Engine
 
 
@@ -47,7 +48,10 @@ class TorchEngine(Engine):
         clip = self.clip_grad
         if clip is not None:
             self.scaler.unscale_(self.optimizer)
-            self.grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+            if self.clip_mode == "param":
+                self.grad_norm = clip_per_parameter_(self.module.parameters(), clip)
+            else:
+                self.grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -33,6 +33,9 @@ class Method(nn.Module):
         super().__init__()
         self.section = section
         self._held: Dict[str, tuple] = {}  # name -> (module, saved); a dict, so nn.Module does not register them
+        self.steps_done = 0
+        """Optimizer steps taken so far, kept by the engine (a resumed run included): a schedule read in forward
+        (DINO's teacher temperature) reads it here. A plain int: reading it never syncs with a device."""
 
     # -- what the method is -------------------------------------------------------------------------------
     @property
@@ -113,6 +116,24 @@ class Method(nn.Module):
                                   f"method holds {sorted(want)}: it was written by another method or version")
         for name in want:
             self._held[name][0].load_state_dict(state[name])
+
+
+@torch.no_grad()
+def ema_update_(ema: List[torch.Tensor], online: List[torch.Tensor], momentum: float) -> None:
+    """ema <- momentum ema + (1 - momentum) online, in the EMA's (fp32) precision whatever the online weights'
+    dtype (DeepSpeed bf16 casts the trained module)."""
+    online = [p.detach().float() if p.dtype != e.dtype else p.detach() for p, e in zip(online, ema)]
+    torch._foreach_mul_(ema, momentum)
+    torch._foreach_add_(ema, online, alpha=1.0 - momentum)
+
+
+def held_compute(x: torch.Tensor):
+    """Context for a forward through an fp32 held module: where an engine casts the model and its batches to 16
+    bits without autocast (DeepSpeed bf16), compute in the inputs' dtype and keep the weights fp32."""
+    kind = x.device.type
+    if x.dtype == torch.float32 or torch.is_autocast_enabled(kind):
+        return contextlib.nullcontext()
+    return torch.autocast(kind, dtype=x.dtype)
 
 
 _LOCAL = threading.local()

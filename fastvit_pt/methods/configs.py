@@ -62,6 +62,30 @@ def section_class(name: str) -> Optional[Type[MethodConfig]]:
     return _REGISTRY.get(name)
 
 
+def _check_ema(section) -> None:
+    """momentum <= momentum_end, both in [0, 1] (an EMA's momentum, rising on a cosine)."""
+    if not 0.0 <= section.momentum <= section.momentum_end <= 1.0:
+        raise MethodConfigError(f"method.momentum and momentum_end: need 0 <= momentum <= momentum_end <= 1, "
+                                f"got {section.momentum} and {section.momentum_end}")
+
+
+def _check_augmentation(section, per_view: str, scales=("crop_scale",)) -> None:
+    """The multi-view sections' crop ranges, and their photometric probabilities: color_jitter and grayscale one
+    for every view, blur and solarize one per kind of view (`per_view` says which, for the message)."""
+    for key in scales:
+        lo, hi = getattr(section, key)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise MethodConfigError(f"method.{key}: need 0 < low <= high <= 1, got {getattr(section, key)}")
+    for key in ("color_jitter", "grayscale"):
+        if not 0.0 <= getattr(section, key) <= 1.0:
+            raise MethodConfigError(f"method.{key}: a probability in [0, 1] is expected, got {getattr(section, key)}")
+    n = len(per_view.split(", "))
+    for key in ("blur", "solarize"):
+        value = getattr(section, key)
+        if len(value) != n or not all(0.0 <= p <= 1.0 for p in value):
+            raise MethodConfigError(f"method.{key}: {n} probabilities in [0, 1] are expected ({per_view}), got {value}")
+
+
 def _check_fraction(key: str, value: float, low_open: bool = True) -> None:
     if not ((0.0 < value) if low_open else (0.0 <= value)) or value >= 1.0:
         raise MethodConfigError(f"method.{key} must be in {'(' if low_open else '['}0, 1), got {value}")
@@ -207,20 +231,10 @@ class MoCoV3Config(MethodConfig):
     def validate(self) -> None:
         if self.temperature <= 0:
             raise MethodConfigError(f"method.temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.momentum <= self.momentum_end <= 1.0:
-            raise MethodConfigError(f"method.momentum and momentum_end: need 0 <= momentum <= momentum_end <= 1, "
-                                    f"got {self.momentum} and {self.momentum_end}")
+        _check_ema(self)
         if min(self.dim, self.mlp_dim, self.proj_layers, self.pred_layers) < 1:
             raise MethodConfigError("method.dim, mlp_dim, proj_layers and pred_layers must be >= 1")
-        lo, hi = self.crop_scale
-        if not 0.0 < lo <= hi <= 1.0:
-            raise MethodConfigError(f"method.crop_scale: need 0 < low <= high <= 1, got {self.crop_scale}")
-        for key in ("color_jitter", "grayscale"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise MethodConfigError(f"method.{key}: a probability in [0, 1] is expected, got {getattr(self, key)}")
-        for key in ("blur", "solarize"):
-            if not all(0.0 <= p <= 1.0 for p in getattr(self, key)):
-                raise MethodConfigError(f"method.{key}: two probabilities in [0, 1] are expected, got {getattr(self, key)}")
+        _check_augmentation(self, "view 1, view 2")
 
     def views(self) -> List["ViewConfig"]:
         from pipelines.config import ViewConfig
@@ -229,14 +243,109 @@ class MoCoV3Config(MethodConfig):
                            blur=self.blur[i], solarize=self.solarize[i]) for i in range(2)]
 
 
+@register("dino", "fastvit_pt.methods.dino")
+@dataclass
+class DINOConfig(MethodConfig):
+    """DINO (facebookresearch/dino): self-distillation from an EMA teacher over 2 global and N local crops."""
+
+    name: str = "dino"
+    """The training method (`fastvit models` lists them)."""
+    out_dim: int = 65536
+    """Prototypes: the output dimension of the DINO head (DINO's --out_dim)."""
+    hidden_dim: int = 2048
+    """Hidden width of the head's MLP."""
+    bottleneck_dim: int = 256
+    """The head's bottleneck, L2-normalised before the weight-normalised last layer."""
+    head_layers: int = 3
+    """Linear layers of the head's MLP (GELU between)."""
+    norm_last_layer: bool = True
+    """Fix the last layer's weight-norm scale g at 1 (DINO's --norm_last_layer; false for DINO's ViT-S/16 runs)."""
+    momentum: float = 0.996
+    """Teacher EMA momentum at step 0, rising to momentum_end on a half-cosine per iteration (--momentum_teacher)."""
+    momentum_end: float = 1.0
+    """Teacher EMA momentum at the last step."""
+    student_temp: float = 0.1
+    """Temperature of the student's softmax."""
+    teacher_temp: float = 0.07
+    """Temperature of the teacher's softmax after the warm-up (--teacher_temp)."""
+    warmup_teacher_temp: float = 0.04
+    """Teacher temperature at epoch 0, rising linearly per epoch to teacher_temp (--warmup_teacher_temp)."""
+    warmup_teacher_temp_epochs: int = 30
+    """Epochs of the teacher temperature's warm-up (--warmup_teacher_temp_epochs)."""
+    center_momentum: float = 0.9
+    """EMA momentum of the centre subtracted from the teacher's outputs."""
+    freeze_last_layer: int = 1
+    """Epochs during which the head's last layer is not updated (--freeze_last_layer)."""
+    global_scale: Tuple[float, float] = (0.4, 1.0)
+    """Random-resized-crop area range of the 2 global crops, at model.img_size (--global_crops_scale)."""
+    local_crops: int = 10
+    """Local crops per image (--local_crops_number; 10 in DINO's ViT-S recipe)."""
+    local_scale: Tuple[float, float] = (0.05, 0.4)
+    """Random-resized-crop area range of the local crops (--local_crops_scale)."""
+    local_size: int = 96
+    """Side of the local crops in pixels (96 for a 224-px model); a multiple of model.patch_size."""
+    color_jitter: float = 0.8
+    """Probability of colour jitter (0.4, 0.4, 0.2, 0.1) in every crop."""
+    grayscale: float = 0.2
+    """Probability of grayscale in every crop."""
+    blur: Tuple[float, float, float] = (1.0, 0.1, 0.5)
+    """Probability of a Gaussian blur (sigma 0.1..2 px) in global crop 1, global crop 2 and each local crop."""
+    solarize: Tuple[float, float, float] = (0.0, 0.2, 0.0)
+    """Probability of solarisation in global crop 1, global crop 2 and each local crop."""
+
+    def validate(self) -> None:
+        for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+            if getattr(self, key) <= 0:
+                raise MethodConfigError(f"method.{key} must be > 0, got {getattr(self, key)}")
+        _check_ema(self)
+        _check_fraction("center_momentum", self.center_momentum, low_open=False)
+        if min(self.out_dim, self.hidden_dim, self.bottleneck_dim) < 1 or self.head_layers < 2:
+            raise MethodConfigError("method.out_dim, hidden_dim and bottleneck_dim must be >= 1 and head_layers >= 2")
+        if min(self.warmup_teacher_temp_epochs, self.freeze_last_layer, self.local_crops, self.local_size) < 0:
+            raise MethodConfigError("method.warmup_teacher_temp_epochs, freeze_last_layer, local_crops and local_size "
+                                    "must be >= 0")
+        _check_augmentation(self, "global crop 1, global crop 2, local crops", ("global_scale", "local_scale"))
+
+    def views(self) -> List["ViewConfig"]:
+        """DINO's DataAugmentationDINO: 2 global crops at the model's size, then local_crops local ones; flip,
+        jitter and grayscale in every crop; blur and solarize per kind of crop."""
+        from pipelines.config import ViewConfig
+
+        def crop(i: int, size: int, scale) -> "ViewConfig":
+            return ViewConfig(size=size, crop_scale=tuple(scale), color_jitter=self.color_jitter,
+                              grayscale=self.grayscale, blur=self.blur[i], solarize=self.solarize[i])
+
+        return [crop(0, 0, self.global_scale), crop(1, 0, self.global_scale)] + [
+            crop(2, self.local_size, self.local_scale) for _ in range(self.local_crops)]
+
+
+@register("simmim", "fastvit_pt.methods.simmim")
+@dataclass
+class SimMIMConfig(MethodConfig):
+    """SimMIM (microsoft/SimMIM): mask-token in-painting of large masked blocks, a one-layer pixel head, L1 loss."""
+
+    name: str = "simmim"
+    """The training method (`fastvit models` lists them)."""
+    mask_ratio: float = 0.6
+    """Fraction of the mask cells replaced by the mask token (SimMIM's DATA.MASK_RATIO)."""
+    mask_patch_size: int = 32
+    """Side of a mask cell in pixels (DATA.MASK_PATCH_SIZE): a multiple of model.patch_size dividing model.img_size."""
+
+    def validate(self) -> None:
+        _check_fraction("mask_ratio", self.mask_ratio)
+        if self.mask_patch_size < 1:
+            raise MethodConfigError(f"method.mask_patch_size must be >= 1 (pixels), got {self.mask_patch_size}")
+
+
 # old layouts (before methods owned their sections): `finetune:` and `distill:` were top-level sections
 LEGACY_SECTIONS = ("finetune", "distill")
 
 
 def switch_section(old: MethodConfig, name: str, drop: bool = False) -> MethodConfig:
-    """`old` as method `name`'s section: shared fields keep their values; a field the new section lacks must
-    be at its default or it is an error, never silently dropped (drop=True: dropped, for a deliberate comparison
-    such as D-MAE's recipe as plain MAE)."""
+    """`old` as method `name`'s section: shared fields set away from their default keep their values, those at
+    the old default take the new section's (MAE's mask_ratio 0.75 is not SimMIM's 0.6); a field the new section
+    lacks must be at its default or it is an error, never silently dropped (drop=True: dropped, for a deliberate
+    comparison such as D-MAE's recipe as plain MAE)."""
     cls = _REGISTRY[name]
     if type(old) is cls:
         return old
@@ -248,7 +357,8 @@ def switch_section(old: MethodConfig, name: str, drop: bool = False) -> MethodCo
             continue
         value = getattr(old, f.name)
         if f.name in new_fields:
-            setattr(new, f.name, value)
+            if value != getattr(defaults, f.name):
+                setattr(new, f.name, value)
         elif value != getattr(defaults, f.name) and not drop:
             raise MethodConfigError(f"method.{f.name}={value!r} is a setting of method {old.name!r}, which method "
                                     f"{name!r} does not have; start from a recipe for method {name!r}, or one that "

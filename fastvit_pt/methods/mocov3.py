@@ -13,7 +13,6 @@ Where this differs from the reference, and why:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from typing import Dict, List
@@ -23,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models import VisionTransformer, create_model
-from .base import Method, gather_across_ranks, rank, world_size
+from .base import Method, ema_update_, gather_across_ranks, held_compute, rank, world_size
 from .configs import MoCoV3Config
 
 
@@ -138,7 +137,7 @@ class MoCoV3(Method):
         x1, x2 = views[0], views[1]
         q1 = self.predictor(self.projector(self.base_encoder(x1)))
         q2 = self.predictor(self.projector(self.base_encoder(x2)))
-        with torch.no_grad(), _compute_dtype(x1):
+        with torch.no_grad(), held_compute(x1):
             k1, k2 = self.key_encoder(x1), self.key_encoder(x2)
         loss = self.contrastive(q1, k2) + self.contrastive(q2, k1)
         return {"loss": loss}
@@ -158,10 +157,7 @@ class MoCoV3(Method):
         method.momentum to method.momentum_end), then the EMA update of the key encoder."""
         s = self.section
         m = s.momentum_end - 0.5 * (1.0 + math.cos(math.pi * step / max(1, total_steps))) * (s.momentum_end - s.momentum)
-        ema, online = self._pairs()
-        online = [p.detach().float() if p.dtype != e.dtype else p.detach() for p, e in zip(online, ema)]
-        torch._foreach_mul_(ema, m)
-        torch._foreach_add_(ema, online, alpha=1.0 - m)
+        ema_update_(*self._pairs(), m)
         self.momentum = m
         return {"momentum": m}
 
@@ -179,15 +175,6 @@ class MoCoV3(Method):
         return [f"momentum {s.momentum} -> {s.momentum_end} (cosine), temperature {s.temperature}, projector "
                 f"{s.proj_layers}x{s.mlp_dim}->{s.dim}, predictor {s.pred_layers} layers"
                 + (", frozen patch projection" if s.stop_grad_patch_embed else "")]
-
-
-def _compute_dtype(x: torch.Tensor):
-    """The fp32 key encoder meets 16-bit inputs where an engine casts the model and its batches (DeepSpeed bf16)
-    without autocast: compute in the inputs' dtype, keep the weights fp32."""
-    kind = x.device.type
-    if x.dtype == torch.float32 or torch.is_autocast_enabled(kind):
-        return contextlib.nullcontext()
-    return torch.autocast(kind, dtype=x.dtype)
 
 
 def build(section: MoCoV3Config, m, plan) -> MoCoV3:

@@ -25,7 +25,9 @@ from fastvit_pt.methods.configs import method_names, section_class
 
 # what a seconds-long run of any method needs, set where a method's section has the field
 SMALL = {"teacher": "random", "teacher_model": "vit_test", "decoder_block": 1, "init": "scratch", "mlp_dim": 64,
-         "dim": 16, "mixup": 0.0, "cutmix": 0.0}
+         "dim": 16, "mixup": 0.0, "cutmix": 0.0, "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16,
+         "local_crops": 2, "local_size": 12,
+         "mask_patch_size": 4}  # SimMIM at 28 px, 4-px patches: 4 and 28 are the mask cells that tile the image
 METHODS = method_names()
 
 

@@ -5,7 +5,9 @@ each output's borders tell the crop box and whether it was flipped. Areas and as
 the spec's algorithm (torchvision's RandomResizedCrop sampling, simulated in numpy) by a two-sample
 Kolmogorov-Smirnov distance; the flip rate with a binomial bound. Every backend runs multi-view (`VIEWS`):
 view 0 is the single-view output bit for bit (tests/pipelines/test_views.py), view 1 is measured the same way at
-its own size, and view 2's photometric draws are checked against their distributions and against its pixels."""
+its own size, view 2's photometric draws are checked against their distributions and against its pixels, and
+views 3 and 4 are DINO's multi-crop geometry, a global crop (area 0.4-1) and a local one (area 0.05-0.4 at its own
+size), each measured against the spec at its own range."""
 import math
 
 import numpy as np
@@ -23,7 +25,10 @@ N_COPIES, EPOCHS = 50, 12  # 600 samples per backend
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 # view 2: MoCo-v3's second view, with grayscale raised so its rate is measured on more samples
 PHOTO = ViewConfig(size=16, color_jitter=0.8, grayscale=0.3, blur=0.5, blur_sigma=(0.1, 1.0), solarize=0.2)
-VIEWS = [ViewConfig(), ViewConfig(size=40), PHOTO]
+GLOBAL_SCALE, LOCAL_SCALE = (0.4, 1.0), (0.05, 0.4)  # DINO's global and local crops (96 px of 224; 24 of 64 here)
+VIEWS = [ViewConfig(), ViewConfig(size=40), PHOTO, ViewConfig(crop_scale=GLOBAL_SCALE),
+         ViewConfig(size=24, crop_scale=LOCAL_SCALE)]
+GEOMETRY = {0: SCALE, 1: SCALE, 3: GLOBAL_SCALE, 4: LOCAL_SCALE}  # view -> its crop-area range
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +56,13 @@ def coord_jpeg_tree(coord_tree):
     return root
 
 
-def spec_samples(n, rng):
+def spec_samples(n, rng, scale=SCALE):
     """torchvision's RandomResizedCrop.get_params for a W x H image: (area fraction, aspect w/h)."""
     out = []
     log_r = (math.log(RATIO[0]), math.log(RATIO[1]))
     for _ in range(n):
         for _ in range(10):
-            area = W * H * rng.uniform(*SCALE)
+            area = W * H * rng.uniform(*scale)
             ar = math.exp(rng.uniform(*log_r))
             w, h = int(round(math.sqrt(area * ar))), int(round(math.sqrt(area / ar)))
             if 0 < w <= W and 0 < h <= H:
@@ -125,8 +130,9 @@ def _crit(n, m):
 @pytest.mark.parametrize("backend", ["torchvision", "ffcv", "dali", "turbo"])
 def test_crop_area_aspect_and_flip_follow_the_spec(coord_tree, coord_jpeg_tree, backend):
     measured, raw, keys = measured_samples(coord_tree, backend, views=VIEWS)
-    spec = spec_samples(20_000, np.random.default_rng(0))
-    for v, (crops, flips) in enumerate(measured[:2]):  # views 0 and 1: plain crops of their own sizes
+    for v, scale in GEOMETRY.items():  # plain crops of their own sizes and area ranges
+        crops, flips = measured[v]
+        spec = spec_samples(20_000, np.random.default_rng(0), scale)
         n = len(crops)
         assert n == N_COPIES * EPOCHS
         crit = _crit(n, len(spec))
@@ -136,6 +142,9 @@ def test_crop_area_aspect_and_flip_follow_the_spec(coord_tree, coord_jpeg_tree, 
         assert d_ratio < crit, f"{backend} view {v}: aspect-ratio distribution is off the spec (KS {d_ratio:.3f} >= {crit:.3f})"
         rate = flips.mean()
         assert abs(rate - 0.5) < 4 * math.sqrt(0.25 / n), f"{backend} view {v}: flip rate {rate:.3f}"
+    # the local crops are told apart from the global ones: the statistic sees a wrong area range
+    local_vs_global = ks_distance(measured[4][0][:, 0], spec_samples(20_000, np.random.default_rng(0), GLOBAL_SCALE)[:, 0])
+    assert local_vs_global > _crit(N_COPIES * EPOCHS, 20_000)
     # view 1 is not view 0 again: its own crops
     assert (measured[0][0][:, 0] != measured[1][0][:, 0]).mean() > 0.9
     # view 2: the pixels are grey exactly where its grayscale draw fired (the coordinate image has r != g)
