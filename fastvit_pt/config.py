@@ -219,6 +219,12 @@ class Config:
         if o.weight_decay < 0 or (o.weight_decay_end is not None and o.weight_decay_end < 0):
             raise ConfigError(f"optim.weight_decay and optim.weight_decay_end must be >= 0, got {o.weight_decay} and "
                               f"{o.weight_decay_end}")
+        if o.weight_decay_end is not None and o.weight_decay == 0:
+            raise ConfigError(f"optim.weight_decay_end={o.weight_decay_end} needs optim.weight_decay > 0: the cosine "
+                              "starts there, and each parameter group decays in proportion to it (biases and norms "
+                              "not at all)")
+        if o.clip_mode != "norm" and o.clip_grad is None:
+            warnings.warn(f"optim.clip_mode={o.clip_mode} has no effect without optim.clip_grad", stacklevel=2)
         if e.kind not in ENGINES:
             raise ConfigError(f"engine.kind: expected one of {', '.join(ENGINES)}, got {e.kind!r}")
         if e.zero_stage not in (0, 1, 2):

@@ -56,8 +56,9 @@ def test_dry_run_runs_every_step_and_writes_plausible_json(tmp_path):
     assert "decode_jpeg" in loader["backends"]["tv-decode"]["measures"] and loader["images"] == 64
 
     teacher = json.loads((out / "teacher.json").read_text())
-    assert [row["method"] for row in teacher["runs"]] == ["mae", "dmae", "d2mae", "mocov3"]
+    assert [row["method"] for row in teacher["runs"]] == ["mae", "dmae", "d2mae", "mocov3", "dino", "simmim"]
     assert all(row["img_per_s"] > 0 for row in teacher["runs"])
+    assert next(r for r in teacher["runs"] if r["method"] == "dino")["views"] == 12  # 2 global + 10 local crops
 
     ablation = json.loads((out / "ablation.json").read_text())
     assert len(ablation["runs"]) == 6 and all(row["img_per_s"] > 0 for row in ablation["runs"])

@@ -2,8 +2,10 @@
 encoder's pooled pre-logit features; eval.path is scored against a fixed subset of the training images).
 
 Each rank extracts its shard of the bank and of the queries; the shards are gathered so every rank scores the
-whole set (the same numbers on 1 and 2 ranks). Training's RNG streams are put back afterwards: a run with the
-monitor logs the same losses as one without, and resume stays exact."""
+whole set: the same numbers on 1 and W ranks where W divides the set sizes (shards are equal, `shard_indices`, so
+the last n mod W query images are left out on W ranks; the count scored is logged). Training's RNG streams are put
+back afterwards: a run with the monitor logs the same losses as one without, and resume stays exact. Its two
+loaders live for the whole run (on DALI with a GPU: their pipelines' device memory too)."""
 from __future__ import annotations
 
 import contextlib

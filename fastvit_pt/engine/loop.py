@@ -250,13 +250,6 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
                 if env.is_main:
                     print(f"eval epoch {epoch + 1}: top-1 {ev['top1']:.2f}%  top-5 {ev['top5']:.2f}%  loss {ev['loss']:.4f}"
                           f"  (best top-1 {result.best['top1']:.2f}% at epoch {result.best['epoch']})", file=sys.stderr)
-            if knn is not None and ((epoch + 1) % cfg.eval.knn_every_epochs == 0 or epoch + 1 == t.epochs):
-                kn = {"epoch": epoch + 1, **knn(engine, f"knn {epoch + 1}/{t.epochs}")}
-                result.knn.append(kn)
-                logger.log(engine.global_step, {k: kn[k] for k in ("epoch", "knn_top1", "knn_top5")})
-                if env.is_main:
-                    print(f"knn epoch {epoch + 1}: top-1 {kn['knn_top1']:.2f}%  top-5 {kn['knn_top5']:.2f}%  (bank "
-                          f"{kn['bank']}, queries {kn['queries']}, {kn['seconds']:.1f} s)", file=sys.stderr)
             if (epoch + 1) % t.save_every_epochs == 0 or epoch + 1 == t.epochs:
                 meta = {"epoch": epoch, "rng": _gather_rng(env), "config": to_dict(cfg), "engine_kind": engine.kind}
                 path = checkpoint_path(run_dir, epoch + 1, directory=engine.checkpoint_is_dir)
@@ -265,6 +258,15 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
                 if env.is_main:
                     last_saved = path
                     prune_checkpoints(run_dir, t.keep_checkpoints)
+            # after the save: a failure while scoring (a bad image in eval.path) costs no training
+            if knn is not None and ((epoch + 1) % cfg.eval.knn_every_epochs == 0 or epoch + 1 == t.epochs):
+                kn = {"epoch": epoch + 1, **knn(engine, f"knn {epoch + 1}/{t.epochs}")}
+                result.knn.append(kn)
+                logger.log(engine.global_step, {"epoch": epoch + 1, "knn_top1": kn["knn_top1"],
+                                                "knn_top5": kn["knn_top5"], "knn_images": kn["queries"]})
+                if env.is_main:
+                    print(f"knn epoch {epoch + 1}: top-1 {kn['knn_top1']:.2f}%  top-5 {kn['knn_top5']:.2f}%  (bank "
+                          f"{kn['bank']}, queries {kn['queries']}, {kn['seconds']:.1f} s)", file=sys.stderr)
     except Exception as err:
         if env.distributed and _is_comm_failure(err) and not isinstance(err, NonFiniteLossError):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -92,9 +92,10 @@ class Engine:
 
     def after_step(self) -> Dict[str, float]:
         """The method's after-step work (EMA updates, scalar schedules) once an optimizer step is done."""
+        out = self.method.after_step(self.global_step, self.plan.total_steps)  # sees the step it follows
         self.method.steps_done = self.global_step
-        out = self.method.after_step(self.global_step, self.plan.total_steps)
-        return out if self.wd_schedule is None else {**out, "weight_decay": self.wd_schedule(self.global_step)}
+        # the weight decay the step just taken applied (step global_step - 1, 0-based), as lr is the one it applied
+        return out if self.wd_schedule is None else {**out, "weight_decay": self.wd_schedule(self.global_step - 1)}
 
     def _set_lr_for_this_step(self) -> None:
         """lr (and a scheduled weight decay) for the optimizer step about to run, the global_step-th (0-based)."""

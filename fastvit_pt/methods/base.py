@@ -34,8 +34,10 @@ class Method(nn.Module):
         self.section = section
         self._held: Dict[str, tuple] = {}  # name -> (module, saved); a dict, so nn.Module does not register them
         self.steps_done = 0
-        """Optimizer steps taken so far, kept by the engine (a resumed run included): a schedule read in forward
-        (DINO's teacher temperature) reads it here. A plain int: reading it never syncs with a device."""
+        """Optimizer steps taken so far, kept by the engine (after after_step, and on resume): a schedule read in
+        forward (DINO's teacher temperature) reads it here. A plain int: reading it never syncs with a device; a
+        forward under torch.compile should read a tensor set from it instead (DINO: a property whose setter fills
+        one), since compiled code guards on ints it reads."""
 
     # -- what the method is -------------------------------------------------------------------------------
     @property

@@ -257,7 +257,7 @@ class DINOConfig(MethodConfig):
     bottleneck_dim: int = 256
     """The head's bottleneck, L2-normalised before the weight-normalised last layer."""
     head_layers: int = 3
-    """Linear layers of the head's MLP (GELU between)."""
+    """Linear layers of the head's MLP (GELU between); at least 2 here (DINO also allows 1: a single Linear)."""
     norm_last_layer: bool = True
     """Fix the last layer's weight-norm scale g at 1 (DINO's --norm_last_layer; false for DINO's ViT-S/16 runs)."""
     momentum: float = 0.996
@@ -301,9 +301,11 @@ class DINOConfig(MethodConfig):
         _check_fraction("center_momentum", self.center_momentum, low_open=False)
         if min(self.out_dim, self.hidden_dim, self.bottleneck_dim) < 1 or self.head_layers < 2:
             raise MethodConfigError("method.out_dim, hidden_dim and bottleneck_dim must be >= 1 and head_layers >= 2")
-        if min(self.warmup_teacher_temp_epochs, self.freeze_last_layer, self.local_crops, self.local_size) < 0:
-            raise MethodConfigError("method.warmup_teacher_temp_epochs, freeze_last_layer, local_crops and local_size "
-                                    "must be >= 0")
+        if min(self.warmup_teacher_temp_epochs, self.freeze_last_layer, self.local_crops) < 0:
+            raise MethodConfigError("method.warmup_teacher_temp_epochs, freeze_last_layer and local_crops must be >= 0")
+        if self.local_crops and self.local_size < 1:
+            raise MethodConfigError(f"method.local_size must be >= 1 px with {self.local_crops} local crops, got "
+                                    f"{self.local_size}")
         _check_augmentation(self, "global crop 1, global crop 2, local crops", ("global_scale", "local_scale"))
 
     def views(self) -> List["ViewConfig"]:

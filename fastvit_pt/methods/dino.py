@@ -5,8 +5,8 @@ over out_dim prototypes (temperature 0.1) is trained towards the teacher's centr
 other crop.
 
 Schedules, as main_dino.py: the teacher's momentum on a half-cosine from method.momentum to 1 per iteration, the
-teacher temperature warmed up linearly per epoch, the centre an EMA (0.9) of the teacher's batch mean over every
-rank. Weight decay 0.04 -> 0.4 on a cosine and DINO's per-parameter gradient clipping are optimizer settings
+teacher temperature warmed up linearly per epoch, the centre an EMA (0.9) of the teacher's mean output over the
+global batch (every rank's, every micro-batch's). Weight decay 0.04 -> 0.4 on a cosine and DINO's per-parameter gradient clipping are optimizer settings
 (optim.weight_decay_end, optim.clip_mode=param: recipes/dino_tiny_300ep.yaml), not the method's.
 
 Where this differs from the reference, and why:
@@ -14,10 +14,15 @@ Where this differs from the reference, and why:
   its parameter group (optim `frozen_steps`), where DINO drops its gradients (p.grad = None). Same weights; but
   the engine never has to touch per-parameter gradients, which DeepSpeed keeps in flat partitioned buffers, so it
   works on every engine. AdamW's moments of that layer then start warm when it starts moving.
+  With SGD, its momentum buffer likewise fills during the frozen epochs. A resumed run keeps the frozen steps
+  its optimizer state was saved with.
 - The EMA update runs in `after_step` after optimizer step t with momentum_schedule[t], as DINO does right after
-  its optimizer step.
-- The loss, the centre and the softmaxes are computed in fp32 (DINO: in the AMP dtype); a 65,536-way softmax at
-  temperature 0.04 loses precision in bf16 for nothing.
+  its optimizer step. The centre is updated there too, once per optimizer step from the teacher outputs of all its
+  micro-batches (DINO updates it in the loss, once per iteration, without gradient accumulation): the same update
+  at any accumulation, and no collective in the forward pass.
+- The head's last layer, the loss, the centre and the softmaxes are computed in fp32 (DINO: in the AMP dtype); a
+  65,536-way softmax of cosine logits at temperature 0.04 loses precision in bf16 for nothing (~0.1 nat of noise in
+  the teacher's targets), and the layer is ~3% of a step's FLOPs.
 - The weight-normalised last layer is computed explicitly (W = g v / ||v|| per row, DINO's weight_g / weight_v
   names), not through torch's deprecated nn.utils.weight_norm hooks.
 - Position embeddings for local crops are resampled as timm does (models/vit.py patch_pos_embed), without DINO's
@@ -51,8 +56,10 @@ class WeightNormLinear(nn.Module):
         self.weight_v = nn.Parameter(v.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, in_dim] -> [N, out_dim]"""
-        return F.linear(x, self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True)))
+        """x: [N, in_dim] -> [N, out_dim] fp32, computed in fp32 whatever the autocast or module dtype."""
+        with torch.autocast(x.device.type, enabled=False):
+            v = self.weight_v.float()
+            return F.linear(x.float(), v * (self.weight_g.float() / v.norm(dim=1, keepdim=True)))
 
 
 class DINOHead(nn.Module):
@@ -96,11 +103,15 @@ class MultiCrop(nn.Module):
 
 
 class Teacher(MultiCrop):
-    """The EMA teacher and the centre of its outputs (DINOLoss's buffer), held together: fp32, saved."""
+    """The EMA teacher and the centre of its outputs (DINOLoss's buffer), held together: fp32, saved. Between
+    optimizer steps `pending` sums the teacher outputs the micro-batches saw (not saved: zero at every step's end),
+    and `temp` is the teacher temperature of the current step (a tensor: torch.compile reads it without a guard)."""
 
     def __init__(self, backbone: VisionTransformer, head: DINOHead, out_dim: int):
         super().__init__(backbone, head)
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("pending", torch.zeros(1, out_dim + 1), persistent=False)  # sum of outputs, count
+        self.register_buffer("temp", torch.zeros(()), persistent=False)
 
 
 def dino_init_(vit: VisionTransformer) -> None:
@@ -127,13 +138,25 @@ class DINO(Method):
             if not isinstance(enc, VisionTransformer) or enc.num_classes != 0:
                 raise ValueError(f"method 'dino' needs a ViT encoder without a head, got {type(enc).__name__}")
         s = section
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.n_crops = 2 + s.local_crops
         head = DINOHead(student.embed_dim, s.out_dim, s.hidden_dim, s.bottleneck_dim, s.head_layers, s.norm_last_layer)
         self.student = MultiCrop(student, head)
         teacher.load_state_dict(student.state_dict())  # DINO: the teacher starts as the student
         # held, not assigned: an nn.Module attribute would join the module tree (wrapped, cast, optimised)
         self.hold("teacher", Teacher(teacher, copy.deepcopy(head), s.out_dim), saved=True)
-        self.steps_per_epoch = max(1, steps_per_epoch)
-        self.n_crops = 2 + s.local_crops
+        self.steps_done = self.steps_done  # the temperature of step 0
+
+    @property
+    def steps_done(self) -> int:
+        return self._steps_done
+
+    @steps_done.setter
+    def steps_done(self, n: int) -> None:
+        """Set by the engine after each step and on resume: the teacher temperature follows."""
+        self._steps_done = n
+        if "teacher" in self._held:
+            self.teacher.temp.fill_(self.teacher_temp())
 
     @property
     def teacher(self) -> Teacher:
@@ -161,36 +184,45 @@ class DINO(Method):
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """DINOLoss.forward: student [n_crops N, K], teacher [2 N, K] -> the mean over (teacher crop, other student
-        crop) pairs of the cross-entropy between the teacher's centred softmax and the student's; then the centre
-        update. In fp32."""
-        s, temp = self.section, self.teacher_temp()
+        crop) pairs of the cross-entropy between the teacher's centred softmax and the student's. In fp32. The
+        teacher's outputs are set aside for the centre's update after the optimizer step (`update_center`)."""
+        s, held = self.section, self.teacher
         log_p = F.log_softmax(student.float() / s.student_temp, dim=-1).chunk(self.n_crops)
         teacher = teacher.float()
-        q = F.softmax((teacher - self.teacher.center) / temp, dim=-1).chunk(2)
+        q = F.softmax((teacher - held.center) / held.temp, dim=-1).chunk(2)
         total, terms = student.new_zeros((), dtype=torch.float32), 0
         for iq, qi in enumerate(q):
             for v, lp in enumerate(log_p):
                 if v != iq:
                     total = total + torch.sum(-qi * lp, dim=-1).mean()
                     terms += 1
-        self.update_center(teacher)
+        with torch.no_grad():
+            held.pending[:, :-1] += teacher.sum(dim=0, keepdim=True)
+            held.pending[:, -1] += teacher.shape[0]
         return total / terms
 
     @torch.no_grad()
-    def update_center(self, teacher: torch.Tensor) -> None:
-        """centre <- m centre + (1 - m) mean of the teacher's outputs over every rank's batch."""
-        batch_center = teacher.sum(dim=0, keepdim=True)
-        world = world_size()
-        if world > 1:
-            torch.distributed.all_reduce(batch_center)
+    def update_center(self) -> None:
+        """centre <- m centre + (1 - m) mean of the teacher's outputs since the last update, over every rank (one
+        all-reduce of the sums and the count); the sums are then cleared."""
+        held = self.teacher
+        pending = held.pending
+        if world_size() > 1:
+            pending = pending.clone()
+            torch.distributed.all_reduce(pending)
         m = self.section.center_momentum
-        self.teacher.center.mul_(m).add_(batch_center / (teacher.shape[0] * world), alpha=1.0 - m)
+        # count 0 (no forward since the last update): the centre stays (0 / 0 is guarded by the clamp)
+        mean = pending[:, :-1] / pending[:, -1:].clamp_min(1.0)
+        held.center.copy_(torch.where(pending[:, -1:] > 0, held.center * m + mean * (1.0 - m), held.center))
+        held.pending.zero_()
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> Dict[str, float]:
-        """The EMA update of the teacher after optimizer step `step` (1-based) with DINO's momentum_schedule[step - 1]
-        (half-cosine from method.momentum to method.momentum_end)."""
+        """After optimizer step `step` (1-based): the centre's update, then the EMA update of the teacher with DINO's
+        momentum_schedule[step - 1] (half-cosine from method.momentum to method.momentum_end). Logs the momentum and
+        the teacher temperature this step used."""
         s = self.section
+        self.update_center()
         m = CosineValue(s.momentum, s.momentum_end, total_steps)(step - 1)
         ema_update_(list(self.teacher.parameters()), list(self.student.parameters()), m)
         return {"momentum": m, "teacher_temp": self.teacher_temp()}

@@ -112,9 +112,9 @@ class SimMIM(Method):
         return self.backbone
 
     def param_groups(self, weight_decay: float) -> List[Dict]:
-        """No decay on biases, 1-D parameters and SimMIM's no_weight_decay list (pos_embed, cls_token,
-        mask_token)."""
-        return param_groups(self, weight_decay, skip=("pos_embed", "cls_token", "mask_token"))
+        """No decay on biases, 1-D parameters and SimMIM's ViT no_weight_decay list (pos_embed, cls_token); the 3-D
+        mask token is decayed, as there (only SimMIM's Swin adds it to the list)."""
+        return param_groups(self, weight_decay, skip=("pos_embed", "cls_token"))
 
     def describe(self) -> List[str]:
         s = self.section

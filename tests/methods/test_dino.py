@@ -83,16 +83,37 @@ def test_loss_and_centre_are_dino_loss_over_epochs():
         m.steps_done = step
         s, t = torch.randn(4 * 5, 64, generator=g), torch.randn(2 * 5, 64, generator=g) * 3
         torch.testing.assert_close(m.loss(s, t), ref(s, t, step // 3), rtol=1e-5, atol=1e-6)
+        m.update_center()  # after the optimizer step (the engine's after_step)
         torch.testing.assert_close(m.teacher.center, ref.center, rtol=1e-5, atol=1e-7)
     assert m.teacher_temp() == pytest.approx(0.07)
+
+
+def test_centre_follows_the_global_batch_at_any_accumulation():
+    """Two micro-batches of 5 then one update == one batch of 10 (DINO's update at the global batch)."""
+    a, b = _method(), _method()
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4 * 10, 64, generator=g), torch.randn(2 * 10, 64, generator=g) * 3
+    a.loss(s, t)
+    a.update_center()
+    rows = lambda x, k, sl: torch.cat([c[sl] for c in x.chunk(k)])  # noqa: E731  crop-major halves of the batch
+    for half in (slice(0, 5), slice(5, 10)):
+        b.loss(rows(s, 4, half), rows(t, 2, half))
+    b.update_center()
+    torch.testing.assert_close(a.teacher.center, b.teacher.center)
+    assert a.teacher.center.abs().sum() > 0 and not b.teacher.pending.any()
+    before = b.teacher.center.clone()
+    b.update_center()  # nothing pending: the centre stays
+    assert torch.equal(before, b.teacher.center)
 
 
 def test_teacher_temperature_warms_up_per_epoch_as_linspace():
     m = _method(steps_per_epoch=5, warmup_teacher_temp_epochs=30)
     want = np.linspace(0.04, 0.07, 30)
+    assert m.teacher.temp.item() == pytest.approx(0.04)
     for epoch in (0, 1, 17, 29, 30, 100):
         m.steps_done = epoch * 5 + 4  # the last step of the epoch still reads that epoch's value
         assert m.teacher_temp() == pytest.approx(want[epoch] if epoch < 30 else 0.07)
+        assert m.teacher.temp.item() == pytest.approx(m.teacher_temp())  # the tensor the loss reads follows
 
 
 def test_momentum_and_weight_decay_follow_dinos_cosine_scheduler():
@@ -223,6 +244,12 @@ def test_deepspeed_refuses_per_parameter_clipping(fmnist_small, tmp_path):
         train(load_config(None, over))
     with pytest.raises(ConfigError, match="optim.clip_mode"):
         load_config(None, ["optim.clip_mode=value"])
+    with pytest.raises(ConfigError, match="optim.weight_decay_end=0.4 needs optim.weight_decay > 0"):
+        load_config(None, ["optim.weight_decay=0", "optim.weight_decay_end=0.4"])
+    with pytest.warns(UserWarning, match="clip_mode=param has no effect"):
+        load_config(None, ["optim.clip_mode=param"])
+    with pytest.raises(ConfigError, match="method.local_size must be >= 1"):
+        load_config(None, ["method.name=dino", "method.local_size=0"])
 
 
 def test_local_size_must_fit_the_patches(fmnist_small, tmp_path):
@@ -251,3 +278,24 @@ def test_backbone_loads_into_timm_and_the_teacher_is_in_the_checkpoint(fmnist_sm
     teacher = load_checkpoint(res.checkpoint)["engine"]["held"]["teacher"]
     assert {k.removeprefix("backbone.") for k in teacher if k.startswith("backbone.")} == exported.keys()
     assert teacher["center"].shape == (1, 64) and teacher["center"].abs().sum() > 0
+
+
+def test_gradient_accumulation_equals_the_whole_batch(fmnist_small, tmp_path):
+    """micro-batch 50 x 2 accumulated == one micro-batch of 100: the loss, the teacher's centre (updated once per
+    optimizer step from every micro-batch) and the weights. Adam's eps raised as in the 2-rank contract test."""
+    from launchers import assert_same_run
+
+    from fastvit_pt.engine.loop import seed_everything, train
+
+    runs = {}
+    for micro in (100, 50):
+        seed_everything(0)
+        out = tmp_path / f"micro{micro}"
+        over = tiny_mae_overrides(fmnist_small / "train", out, **{"method.name": "dino", "train.epochs": 1,
+                                                                   "train.micro_batch": micro, "optim.eps": 1e-6})
+        runs[micro] = train(load_config(None, over + [f"method.{k}={v}" for k, v in SMALL.items()]))
+    assert_same_run(tmp_path / "micro50", tmp_path / "micro100")
+    from fastvit_pt.engine.checkpoint import load_checkpoint
+
+    a, b = (load_checkpoint(runs[m].checkpoint)["engine"]["held"]["teacher"]["center"] for m in (100, 50))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -111,16 +111,17 @@ def test_forward_gives_a_finite_loss_and_decoder_maps_back_to_pixels():
         m(Batch(torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.long)))
 
 
-def test_no_weight_decay_on_mask_token_positions_cls_biases_and_norms():
+def test_no_weight_decay_on_positions_cls_biases_and_norms_as_simmims_vit():
+    """SimMIM's VisionTransformer.no_weight_decay is {pos_embed, cls_token}: its 3-D mask token is decayed (only
+    SimMIM's Swin lists it)."""
     m = _method()
     decay, no_decay = m.param_groups(0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
     vit = m.backbone
-    for p in (m.mask_token, vit.pos_embed, vit.cls_token, vit.norm.weight, vit.blocks[0].attn.qkv.bias,
-              m.decoder[0].bias):
+    for p in (vit.pos_embed, vit.cls_token, vit.norm.weight, vit.blocks[0].attn.qkv.bias, m.decoder[0].bias):
         assert id(p) in ids(no_decay) and id(p) not in ids(decay)
-    for p in (vit.blocks[0].attn.qkv.weight, vit.patch_embed.proj.weight, m.decoder[0].weight):
+    for p in (m.mask_token, vit.blocks[0].attn.qkv.weight, vit.patch_embed.proj.weight, m.decoder[0].weight):
         assert id(p) in ids(decay)
     assert len(ids(decay)) + len(ids(no_decay)) == sum(1 for _ in m.parameters())
 
