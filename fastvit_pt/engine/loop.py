@@ -2,6 +2,7 @@
 the engine interface (`engine(batch)`, `engine.backward(loss)`, `engine.step()`): no method names here."""
 from __future__ import annotations
 
+import gc
 import math
 import random
 import sys
@@ -124,6 +125,11 @@ def train(cfg: Config, resume: Optional[str] = None) -> TrainResult:
     env = init_for(cfg.engine)
     try:
         result = _train(cfg, env, resume)
+        # DDP's reducer and the gloo work it holds sit in reference cycles that outlive _train: free them now, while
+        # the process group and the interpreter are alive. Left to interpreter finalisation, gloo's threads can
+        # release tensors after Python is gone, and a rank aborts at exit ("terminate called without an active
+        # exception"; pytorch/pytorch#179291 describes the mechanism)
+        gc.collect()
         if env.distributed:
             # leave together: rank 0 still writes the last export while the others would tear their gloo pairs
             # down under it (a rank aborted at exit now and then, "terminate called without an active exception")
