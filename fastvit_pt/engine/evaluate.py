@@ -17,22 +17,23 @@ from .metrics import Progress
 BEST_MODEL, BEST_META = "model-best.pt", "best.json"
 
 
-def build_eval_loader(cfg: Config, env: DistEnv, dtype: torch.dtype):
-    """The loader of eval.path on this rank (its 1/world_size share, in file order), or None when eval.path is
-    empty. A .beton is read with FFCV; a folder with the run's own backend where it reads folders (torchvision, dali,
-    turbo), else with torchvision."""
-    if not cfg.eval.path:
+def build_eval_loader(cfg: Config, env: DistEnv, dtype: torch.dtype, path: Optional[str] = None,
+                      shuffle: bool = False):
+    """The evaluation-crop loader of `path` (default eval.path) on this rank (its 1/world_size share; in file order,
+    or shuffled by train.seed), or None when there is no path. A .beton is read with FFCV; a folder with the run's
+    own backend where it reads folders (torchvision, dali, turbo), else with torchvision."""
+    path = cfg.eval.path if path is None else path
+    if not path:
         return None
     import dataclasses
 
     import pipelines
 
-    path = cfg.eval.path
     pcfg = dataclasses.replace(cfg.data, backend=pipelines.backend_for(path, cfg.data.backend), path=path,
                                randaugment="")
     return pipelines.build_loader(pcfg, img_size=cfg.model.img_size, batch_size=cfg.eval.micro_batch, rank=env.rank,
                                   world_size=env.world_size, seed=cfg.train.seed, device=env.device, dtype=dtype,
-                                  train=False, drop_last=False)
+                                  train=False, drop_last=False, shuffle=shuffle)
 
 
 @torch.no_grad()

@@ -9,7 +9,6 @@ loaders live for the whole run (on DALI with a GPU: their pipelines' device memo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from typing import Dict, Tuple
 
@@ -19,6 +18,7 @@ from ..config import Config
 from ..distributed.env import DistEnv
 from ..eval.knn import knn_predict, topk_accuracy
 from .checkpoint import rng_state, set_rng_state
+from .evaluate import build_eval_loader
 from .metrics import Progress
 
 
@@ -36,17 +36,11 @@ class KnnMonitor:
     """Built once before training (its two loaders, evaluation crops); `monitor(engine)` scores the backbone."""
 
     def __init__(self, cfg: Config, env: DistEnv, dtype: torch.dtype):
-        import pipelines
-
         e = cfg.eval
         self.env, self.k, self.temperature, self.micro_batch = env, cfg.knn.k, cfg.knn.temperature, e.micro_batch
 
         def loader(path: str, shuffle: bool):
-            pcfg = dataclasses.replace(cfg.data, backend=pipelines.backend_for(path, cfg.data.backend), path=path,
-                                       randaugment="")
-            return pipelines.build_loader(pcfg, img_size=cfg.model.img_size, batch_size=e.micro_batch, rank=env.rank,
-                                          world_size=env.world_size, seed=cfg.train.seed, device=env.device,
-                                          dtype=dtype, train=False, shuffle=shuffle, drop_last=False)
+            return build_eval_loader(cfg, env, dtype, path, shuffle)
 
         with rng_untouched():  # building a loader must not draw from training's streams either
             # the bank: epoch 0 of a shuffled read is a permutation of train.seed; rank r holds its entries r, r+W, ...
