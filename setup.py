@@ -41,6 +41,8 @@ setup(
         "tqdm",
         "tensorboard",
         "pillow",
+        # the PNG figures: analyze cka / attention, report --plot, bench --plot (Agg backend, no display)
+        "matplotlib",
     ],
     ext_modules=[cropdecode],
     extras_require=extras,

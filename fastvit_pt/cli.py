@@ -71,6 +71,13 @@ def _load(recipe: str, overrides: List[str], out: Optional[str] = None):
     return load_config(recipe, overrides + ([f"train.out_dir={out}"] if out else []))
 
 
+def _write_plot(kind: str, res: dict, png: Optional[str]) -> None:
+    if png:
+        from .analysis.plots import bench_plot
+
+        click.echo(f"wrote {bench_plot(kind, res, png)}")
+
+
 @click.group(cls=_UserErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fastvit_pt")
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
@@ -341,9 +348,10 @@ def bench() -> None:
 @click.option("--teacher", default=None, help="Frozen teacher encoder of the methods that distil one (e.g. "
               "vit_base_patch16; random weights) [default: their method.teacher_model].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
+@click.option("--plot", "plot_png", type=click.Path(dir_okay=False), default=None, help="Also draw the results as bars (PNG).")
 @click.argument("method_settings", nargs=-1)
 def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, warmup, device, timm_ref, engines,
-                    ablate, methods, teacher, json_path, method_settings):
+                    ablate, methods, teacher, json_path, plot_png, method_settings):
     """Model-only train-step img/s (the engine's forward + backward + AdamW step) on a synthetic batch, with MFU.
     METHOD_SETTINGS (decoder_block=1 mlp_dim=1024) apply to the methods whose section has them."""
     from .bench import ABLATION, bench_model
@@ -381,6 +389,7 @@ def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, 
         click.echo(f"{r['name']:46s} {r['engine']:>10s} {r['attn']:>12s} {r['img_per_s']:9.1f} {r['step_ms_median']:9.1f} "
                    f"{util:>7s} {first:>7s} {ratio:>8s}")
     _write_json(res, json_path)
+    _write_plot("model", res, plot_png)
 
 
 @bench.command("e2e")
@@ -390,7 +399,8 @@ def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, 
 @click.option("--warmup", default=5, show_default=True, help="Untimed steps before each measurement.")
 @click.option("--windows", default=3, show_default=True, help="Timed windows (the median is reported).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
-def bench_e2e_cmd(recipe, overrides, steps, warmup, windows, json_path):
+@click.option("--plot", "plot_png", type=click.Path(dir_okay=False), default=None, help="Also draw the results as bars (PNG).")
+def bench_e2e_cmd(recipe, overrides, steps, warmup, windows, json_path, plot_png):
     """End-to-end img/s of RECIPE's real training steps, beside its loader alone and its model alone, with MFU."""
     cfg = _load(recipe, overrides).check_paths()  # bad input answers before the heavy imports
     from .bench import bench_e2e
@@ -417,6 +427,7 @@ def bench_e2e_cmd(recipe, overrides, steps, warmup, windows, json_path):
                f"bound by the {res['bound_by']}; {res['train_gflops_per_image']} GFLOP/image, peak "
                f"{res['peak']['tflops']} TFLOP/s ({res['peak']['source']})")
     _write_json(res, json_path)
+    _write_plot("e2e", res, plot_png)
 
 
 @bench.command("loader")
@@ -433,7 +444,9 @@ def bench_e2e_cmd(recipe, overrides, steps, warmup, windows, json_path):
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="fp32", show_default=True,
               help="dtype the batches are normalised to on the device (training delivers its compute dtype).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
-def bench_loader_cmd(data_path, beton, backends, workers, batch, img_size, epochs, device, precision, json_path):
+@click.option("--plot", "plot_png", type=click.Path(dir_okay=False), default=None, help="Also draw the results as bars (PNG).")
+def bench_loader_cmd(data_path, beton, backends, workers, batch, img_size, epochs, device, precision, json_path,
+                     plot_png):
     """Loader-only img/s per backend, the decode-only ceiling, and each backend's ratio to torchvision."""
     from .bench_loader import bench_loader
 
@@ -450,6 +463,7 @@ def bench_loader_cmd(data_path, beton, backends, workers, batch, img_size, epoch
         click.echo(f"{name:14s} {r['img_per_s']:9.1f} {tv:>15s} {stock:>14s} {r['of_decode_only']:>14.2f}x")
     click.echo(f"{'decode only':14s} {res['decode_only_img_per_s']:9.1f}   (ceiling: decode at stored size, no augmentation)")
     _write_json(res, json_path)
+    _write_plot("loader", res, plot_png)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": True})
@@ -550,11 +564,17 @@ def linprobe(checkpoint, overrides, train_data, test_data, recipe, json_path):
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
-def report(runs) -> None:
+@click.option("--plot", "plot_png", type=click.Path(dir_okay=False), default=None,
+              help="Also draw the runs' curves here (PNG): loss, and k-NN and eval top-1 where logged.")
+def report(runs, plot_png) -> None:
     """Compare run directories side by side (markdown): init, epochs, best / last eval top-1, last loss."""
     from .engine.metrics import runs_table
 
     click.echo(runs_table(runs))
+    if plot_png:
+        from .analysis.plots import run_curves
+
+        click.echo(f"wrote {run_curves(runs, plot_png)}")
 
 
 @main.group()
@@ -575,6 +595,65 @@ def analyze_recon(checkpoint: str, out_png: Optional[str], data_path: Optional[s
 
     path = save_reconstructions(checkpoint, out_png, data_path, num)
     click.echo(f"wrote {path}")
+
+
+def _analysis_options(f):
+    """--data, --images, --batch, --out, --recipe, --labels: what the analyses share."""
+    for deco in reversed([
+        click.option("--data", "data_path", required=True, type=click.Path(exists=True),
+                     help="Images (class-folder tree or .beton), read with the evaluation transform."),
+        click.option("--images", default=2000, show_default=True, help="How many images (a seeded shuffle of --data)."),
+        click.option("--batch", default=64, show_default=True, help="Images per minibatch."),
+        click.option("--out", "out_png", type=click.Path(dir_okay=False), default=None,
+                     help="PNG to write; the JSON goes beside it [default: ./cka.png, ./attention.png]."),
+        click.option("--recipe", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Config for checkpoints without a run config (mae-lite, facebookresearch/mae, timm files)."),
+        click.option("--labels", default=None, help="Comma-separated legend names [default: the run directories']."),
+    ]):
+        f = deco(f)
+    return f
+
+
+def _labels(labels: Optional[str]) -> List[str]:
+    return [x.strip() for x in labels.split(",")] if labels else []
+
+
+def _check_checkpoints(checkpoints) -> None:
+    """A mistyped checkpoint answers before torch is imported."""
+    for ck in checkpoints:
+        if ck is not None and ck != "scratch" and not Path(ck).exists():
+            raise FileNotFoundError(f"checkpoint not found: {ck} (or pass scratch for a random initialisation)")
+
+
+@analyze.command("cka")
+@click.argument("a")
+@click.argument("b", required=False)
+@_analysis_options
+def analyze_cka(a, b, data_path, images, batch, out_png, recipe, labels) -> None:
+    """Linear CKA (minibatch, unbiased HSIC) between every layer of A and every layer of B (A itself when B is
+    absent): a heatmap PNG and a JSON of the matrix. A and B are anything `fastvit knn` reads, or scratch."""
+    _check_checkpoints([a, b])
+    from .analysis.inspect import analyze_cka as run, summary_lines
+
+    res = run(a, b, data_path, images, batch, out_png, recipe, _labels(labels))
+    for line in summary_lines(res):
+        click.echo(line)
+    click.echo(f"wrote {res['png']} and {res['json']}")
+
+
+@analyze.command("attention")
+@click.argument("checkpoints", nargs=-1, required=True)
+@_analysis_options
+def analyze_attention(checkpoints, data_path, images, batch, out_png, recipe, labels) -> None:
+    """Mean attention distance (px) and entropy of every layer and head (CLS excluded), averaged over the images,
+    for one or more CHECKPOINTS (one colour each): a PNG with both panels and a JSON."""
+    _check_checkpoints(checkpoints)
+    from .analysis.inspect import analyze_attention as run, summary_lines
+
+    res = run(checkpoints, data_path, images, batch, out_png, recipe, _labels(labels))
+    for line in summary_lines(res):
+        click.echo(line)
+    click.echo(f"wrote {res['png']} and {res['json']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

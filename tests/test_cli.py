@@ -1,4 +1,5 @@
 """The CLI as a user meets it: real subprocesses of the installed `fastvit` script."""
+import json
 import subprocess
 import sys
 import time
@@ -43,6 +44,8 @@ def test_bad_input_answers_before_torch_is_imported(tmp_path):
          "method.init: not found"),
         (["bench", "e2e", "recipes/demo/mae_fmnist.yaml", f"data.path={tmp_path}", f"eval.path={tmp_path / 'e'}"],
          "eval.path: not found"),
+        (["analyze", "cka", str(tmp_path / "run"), "scratch", "--data", str(tmp_path)], "checkpoint not found"),
+        (["analyze", "attention", "scratch", str(tmp_path / "m.pt"), "--data", str(tmp_path)], "checkpoint not found"),
     ]
     code = (
         "import json, sys; from click.testing import CliRunner; from fastvit_pt.cli import main; "
@@ -102,14 +105,46 @@ def test_dry_run_and_train_end_to_end(fmnist_small, tmp_path):
 
     im = Image.open(tmp_path / "run" / "recon.png")
     assert im.size == (4 * 28 * 9, 4 * 28 * 9)  # 4 columns x 4 rows of 28 px, scaled 9x
+    # the analyses of the same run: CKA against a random init and itself, attention, the report's curves
+    test = str(fmnist_small / "test")
+    r = run("analyze", "cka", str(tmp_path / "run"), "scratch", "--data", test, "--images", "96", "--batch", "32",
+            "--out", str(tmp_path / "cka.png"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "cka.json").read_text())
+    assert res["images"] == 96 and len(res["cka"]) == 3 and len(res["cka"][0]) == 3  # 2 blocks: 0..2
+    assert res["label_a"] == "run" and res["label_b"] == "random init" and "diagonal:" in r.stdout
+    _assert_png(tmp_path / "cka.png")
+    r = run("analyze", "cka", str(tmp_path / "run"), "--data", test, "--images", "64", "--batch", "32",
+            "--out", str(tmp_path / "self.png"))
+    assert r.returncode == 0, r.stderr
+    same = json.loads((tmp_path / "self.json").read_text())["cka"]
+    assert all(abs(same[i][i] - 1) < 1e-6 for i in range(3))
+    r = run("analyze", "attention", str(tmp_path / "run"), "scratch", "--data", test, "--images", "64",
+            "--out", str(tmp_path / "attn.png"), "--labels", "trained,random")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "attn.json").read_text())
+    assert [m["label"] for m in res["models"]] == ["trained", "random"] and res["images"] == 64
+    assert all(len(m["distance_px"]) == 2 and len(m["entropy"][0]) == 2 for m in res["models"])  # 2 blocks x 2 heads
+    _assert_png(tmp_path / "attn.png")
+    r = run("report", str(tmp_path / "run"), "--plot", str(tmp_path / "curves.png"))
+    assert r.returncode == 0, r.stderr
+    _assert_png(tmp_path / "curves.png")
+
+
+def _assert_png(path: Path) -> None:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
 
 
 def test_bench_model_times_both_engines_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     r = run("bench", "model", "--model", "mae_vit_test", "--img-size", "32", "--batch", "4", "--steps", "2",
             "--warmup", "1", "--precision", "fp32", "--timm-ref", "none", "--engine", "torch,deepspeed",
-            "--json", str(out))
+            "--json", str(out), "--plot", str(tmp_path / "model.png"))
     assert r.returncode == 0, r.stderr
+    _assert_png(tmp_path / "model.png")
     import json
 
     res = json.loads(out.read_text())
@@ -125,8 +160,9 @@ def test_bench_e2e_reports_loader_model_and_end_to_end(fmnist_small, tmp_path):
     out = tmp_path / "e2e.json"
     over = tiny_mae_overrides(fmnist_small / "train", tmp_path / "run")
     r = run("bench", "e2e", "recipes/demo/mae_fmnist.yaml", *over, "--steps", "3", "--warmup", "1", "--windows", "2",
-            "--json", str(out))
+            "--json", str(out), "--plot", str(tmp_path / "e2e.png"))
     assert r.returncode == 0, r.stderr
+    _assert_png(tmp_path / "e2e.png")
     import json
 
     res = json.loads(out.read_text())
@@ -139,8 +175,9 @@ def test_bench_e2e_reports_loader_model_and_end_to_end(fmnist_small, tmp_path):
 def test_bench_loader_writes_json(photo_tree, tmp_path):
     out = tmp_path / "loader.json"
     r = run("bench", "loader", "--data", str(photo_tree), "--backends", "torchvision,dali", "--workers", "2",
-            "--batch", "8", "--img-size", "64", "--epochs", "1", "--json", str(out))
+            "--batch", "8", "--img-size", "64", "--epochs", "1", "--json", str(out), "--plot", str(tmp_path / "l.png"))
     assert r.returncode == 0, r.stderr
+    _assert_png(tmp_path / "l.png")
     import json
 
     res = json.loads(out.read_text())

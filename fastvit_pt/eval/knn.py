@@ -66,28 +66,17 @@ def backbone_features(checkpoint: str, train_data: str, test_data: str, cfg, bat
     encoder) at its image and patch size, images normalised with cfg.data.mean / std on cfg.engine.device.
     checkpoint="scratch" is the randomly initialised encoder (drawn from cfg.train.seed), the baseline a
     pre-training must beat. Returns (train, test, class count, info)."""
-    import dataclasses
-
-    import pipelines
-
     from ..distributed.env import pick_device
-    from ..models import create_model
-    from ..engine.backbone import load_backbone
+    from .checkpoints import image_loader, load_encoder
 
-    scratch = checkpoint == "scratch"
     m, seed = cfg.model, cfg.train.seed
     name = m.name.removeprefix("mae_")
     dev = pick_device(cfg.engine.device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        encoder = create_model(name, img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans, num_classes=0)
-    report = f"random initialisation (seed {seed})" if scratch else load_backbone(encoder, checkpoint)
+    encoder, report = load_encoder(checkpoint, cfg)
     encoder.to(dev)
 
     def features(path: str):
-        pcfg = dataclasses.replace(cfg.data, backend=pipelines.backend_for(path), path=str(path), randaugment="")
-        loader = pipelines.build_loader(pcfg, img_size=m.img_size, batch_size=batch, device=dev, train=False,
-                                        drop_last=False)
+        loader = image_loader(cfg, path, batch, dev)
         return extract_features(encoder, loader, desc=f"features {path}"), len(loader.classes)
 
     (xtr, ytr), n_classes = features(train_data)

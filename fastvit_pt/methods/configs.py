@@ -124,8 +124,9 @@ class DistillConfig(MAEConfig):
     """Weight of the MSE between the student's last-layer attention logits (through a 1x1 head-mixing adapter)
     and the teacher's."""
     hidden_layers: List[int] = field(default_factory=list)
-    """Blocks (0-based, same index in student and teacher) whose outputs are also distilled through a Linear
-    adapter; empty = off."""
+    """Hidden representations also distilled, as mae-lite's distill_hidden_idx: i (0..depth, the same in student
+    and teacher) is the representation after i blocks read through a LayerNorm (block i's norm1; after the last
+    block the final norm), mapped to the teacher's width by a Linear without bias; empty = off."""
     hidden_weight: float = 1.0
     """Weight of the hidden-state MSE (when hidden_layers is set)."""
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..models import MaskedAutoencoderViT, VisionTransformer
 from .configs import D2MAEConfig
-from .dmae import DMAE, build_teacher
+from .dmae import DMAE, build_teacher, hidden_representations
 from .mae import build_mae_model
 
 
@@ -42,18 +42,20 @@ class D2MAE(DMAE):
         self.decoder_block = decoder_block
         self.logits_block = LogitsBlock(enc.embed_dim, enc.num_heads)  # the 13th block
         self.decoder_input_norm = nn.LayerNorm(enc.embed_dim, eps=1e-6)  # block 8's output, normalised for the decoder
-        enc.norm.requires_grad_(False)  # the encoder's final norm is on no loss path here (and unused by DDP)
+        if enc.depth not in self.hidden_layers:  # else the final norm reads the distilled representation
+            enc.norm.requires_grad_(False)  # the encoder's final norm is on no loss path here (and unused by DDP)
 
     def student_forward(self, imgs: torch.Tensor, ids_shuffle: Optional[torch.Tensor]):
         enc = self.model.encoder
-        k, last = self.decoder_block - 1, enc.depth - 1
-        # the encoder's own pass, reading block k's output for the decoder and block 12's (before the frozen
-        # final norm) for the logits block
-        hidden: Dict[int, torch.Tensor] = {i: None for i in (*self.hidden_layers, k, last)}
+        k, depth = self.decoder_block, enc.depth
+        # the encoder's own pass, reading the tokens after block k for the decoder and after block 12 (before the
+        # frozen final norm) for the logits block
+        hidden: Dict[int, torch.Tensor] = {i: None for i in (*self.hidden_layers, k, depth)}
         out = self.model.forward_encoder(imgs, self.mask_ratio, ids_shuffle, hidden_out=hidden)
         pred = self.model.forward_decoder(self.decoder_input_norm(hidden[k]), out.ids_restore)
         loss = self.model.forward_loss(imgs, pred, out.mask)
-        return loss, self.logits_block(hidden[last]), hidden, out.ids_shuffle
+        reps = hidden_representations(enc, {i: hidden[i] for i in self.hidden_layers})
+        return loss, self.logits_block(hidden[depth]), reps, out.ids_shuffle
 
 
 def build(section: D2MAEConfig, model, plan) -> D2MAE:

@@ -1,7 +1,9 @@
 """D-MAE (mae-lite): MAE pre-training of a small student that also distils a frozen MAE teacher's last-layer
 attention. The student's pre-softmax attention logits (q.k^T/sqrt(d)) of its last block go through a learned
 1x1 head-mixing adapter (student heads -> teacher heads, no bias) and are regressed (MSE) onto the teacher's,
-computed on the same visible patches. Optionally, chosen blocks' outputs are distilled too, through a Linear.
+computed on the same visible patches. Optionally, hidden representations are distilled too (mae-lite's
+`distill_hidden_idx`): index i is the representation after i blocks read through a LayerNorm (block i's norm1,
+or the final norm after the last block), mapped to the teacher's width by a Linear without bias.
 
 The teacher is frozen, in eval mode, run under no_grad in the batch's dtype, and lives outside the method's
 module tree: no gradients, no optimizer state, never wrapped by DDP or DeepSpeed, never in a checkpoint (the
@@ -44,7 +46,7 @@ class FrozenTeacher:
     def targets(self, imgs: torch.Tensor, ids_shuffle: torch.Tensor, keep: int,
                 hidden_layers: Sequence[int] = ()) -> Tuple[torch.Tensor, Dict[int, torch.Tensor]]:
         """Last-layer attention logits [B, H_t, 1 + keep, 1 + keep] on the visible patches ids_shuffle[:, :keep]
-        (the student's), and the outputs of `hidden_layers`."""
+        (the student's), and the normalised representations `hidden_layers` (`hidden_representations`)."""
         dtype = self._place(imgs)
         t = self.encoder
         x = t.embed_patches(imgs.to(dtype))
@@ -55,19 +57,22 @@ class FrozenTeacher:
         x, _ = t.forward_tokens(x, max_depth=last, hidden_out=hidden)
         blk = t.blocks[last]
         logits = blk.attn.attn_logits(blk.norm1(x))
-        if last in hidden:
-            hidden[last] = blk(x)
-        return logits, hidden
+        if t.depth in hidden:  # the one target past the last block's attention: run the rest of it
+            hidden[t.depth] = blk(x)
+        return logits, hidden_representations(t, hidden)
+
+
+def hidden_representations(encoder: VisionTransformer, raw: Dict[int, torch.Tensor]) -> Dict[int, torch.Tensor]:
+    """{i: tokens after i blocks} -> {i: the same through `encoder.hidden_norm(i)`}: mae-lite's RepCatcher, which
+    hooks block i's norm1 (or the final norm after the last block), not the residual stream itself."""
+    return {i: encoder.hidden_norm(i)(x) for i, x in raw.items()}
 
 
 def head_mixing_adapter(student_heads: int, teacher_heads: int) -> nn.Conv2d:
-    """1x1 convolution over the head axis of [B, H_s, N, N] -> [B, H_t, N, N], no bias. It starts as the
-    identity when the head counts match, so training begins by matching attention head to head."""
-    conv = nn.Conv2d(student_heads, teacher_heads, kernel_size=1, bias=False)
-    if student_heads == teacher_heads:
-        with torch.no_grad():
-            conv.weight.copy_(torch.eye(student_heads).view(student_heads, student_heads, 1, 1))
-    return conv
+    """1x1 convolution over the head axis of [B, H_s, N, N] -> [B, H_t, N, N], no bias, as mae-lite's
+    attn_adapter, with Conv2d's own initialisation as there. (Starting it as the identity for equal head counts
+    was tried side by side and did not help: benchmarks/results/cpu_analysis.md.)"""
+    return nn.Conv2d(student_heads, teacher_heads, kernel_size=1, bias=False)
 
 
 class DMAE(Method):
@@ -81,27 +86,30 @@ class DMAE(Method):
         if teacher.patch_embed.num_patches != enc.patch_embed.num_patches:
             raise ValueError(f"the teacher cuts {teacher.patch_embed.num_patches} patches and the student "
                              f"{enc.patch_embed.num_patches}: give both the same model.img_size and model.patch_size")
-        bad = [i for i in hidden_layers if not (0 <= i < min(enc.depth, teacher.depth))]
+        bad = [i for i in hidden_layers if not (0 <= i <= min(enc.depth, teacher.depth))]
         if bad:
-            raise ValueError(f"method.hidden_layers {bad} are not blocks of both student ({enc.depth}) and teacher "
-                             f"({teacher.depth})")
+            raise ValueError(f"method.hidden_layers {bad}: each is a count of blocks run, 0..{min(enc.depth, teacher.depth)} "
+                             f"for a {enc.depth}-block student and a {teacher.depth}-block teacher")
         self.model, self.mask_ratio = model, mask_ratio
         self.attn_weight, self.hidden_weight = attn_weight, hidden_weight
         self.hidden_layers: List[int] = sorted(set(hidden_layers))
         self.adapter = head_mixing_adapter(enc.num_heads, teacher.num_heads)
-        self.hidden_adapters = nn.ModuleDict({str(i): nn.Linear(enc.embed_dim, teacher.embed_dim)
+        # mae-lite's hidden_adapter: Linear without bias (the targets are LayerNorm outputs)
+        self.hidden_adapters = nn.ModuleDict({str(i): nn.Linear(enc.embed_dim, teacher.embed_dim, bias=False)
                                               for i in self.hidden_layers})
         # held outside the module tree: not wrapped, not saved (the config names its file); FrozenTeacher places
         # it in the compute dtype itself
         self.teacher = FrozenTeacher(self.hold("teacher", teacher, saved=False))
 
     def student_forward(self, imgs: torch.Tensor, ids_shuffle: Optional[torch.Tensor]):
-        """(MAE loss, student last-layer logits [B, H_s, N, N], hidden outputs, the ids_shuffle used)."""
+        """(MAE loss, student last-layer logits [B, H_s, N, N], normalised hidden representations, the
+        ids_shuffle used)."""
         hidden: Dict[int, torch.Tensor] = {i: None for i in self.hidden_layers}
         enc = self.model.forward_encoder(imgs, self.mask_ratio, ids_shuffle, attn_layers=[-1], hidden_out=hidden)
         pred = self.model.forward_decoder(enc.latent, enc.ids_restore)
         loss = self.model.forward_loss(imgs, pred, enc.mask)
-        return loss, enc.attn_logits[self.model.encoder.depth - 1], hidden, enc.ids_shuffle
+        return (loss, enc.attn_logits[self.model.encoder.depth - 1],
+                hidden_representations(self.model.encoder, hidden), enc.ids_shuffle)
 
     def forward(self, batch) -> Dict[str, torch.Tensor]:
         imgs = batch.images

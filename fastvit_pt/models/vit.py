@@ -271,22 +271,34 @@ class VisionTransformer(nn.Module):
 
         x: [N, T, D]. attn_layers: block indices (negative counts from the end) whose pre-softmax attention
         logits [N, H, T, T] are returned. max_depth stops after that many blocks (no final norm), so a frozen
-        teacher pays only for the layers it is read at. hidden_out: a dict whose keys are block indices; each
-        is filled with that block's output [N, T, D].
+        teacher pays only for the layers it is read at. hidden_out: a dict whose keys count blocks (0..depth, as
+        mae-lite's RepCatcher); key i is filled with the tokens after i blocks [N, T, D], before any norm
+        (`hidden_norm(i)` is the LayerNorm mae-lite reads them through).
         """
         depth = self.depth if max_depth is None else max_depth
         want = {i % self.depth for i in attn_layers}
         logits: Dict[int, torch.Tensor] = {}
+        if hidden_out is not None and 0 in hidden_out:
+            hidden_out[0] = x
         for i in range(depth):
             if i in want:
                 x, logits[i] = self.blocks[i](x, return_logits=True)
             else:
                 x = self.blocks[i](x)
-            if hidden_out is not None and i in hidden_out:
-                hidden_out[i] = x
+            if hidden_out is not None and i + 1 in hidden_out:
+                hidden_out[i + 1] = x
         if depth == self.depth:
             x = self.norm(x)
         return x, logits
+
+    def hidden_norm(self, i: int) -> nn.Module:
+        """The LayerNorm through which the representation after i blocks is read (mae-lite's RepCatcher: the
+        next block's norm1, or after the last block the final norm, fc_norm where it moved after pooling)."""
+        if not 0 <= i <= self.depth:
+            raise ValueError(f"representation {i} is not one of 0..{self.depth} (blocks run)")
+        if i < self.depth:
+            return self.blocks[i].norm1
+        return self.fc_norm if isinstance(self.norm, nn.Identity) else self.norm
 
     def forward_features(self, x: torch.Tensor, attn_layers: Iterable[int] = ()):
         """x: [N, C, H, W] -> tokens [N, 1 + L, D] (and the requested attention logits when attn_layers)."""

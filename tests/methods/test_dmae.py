@@ -31,8 +31,18 @@ def test_adapter_mixes_heads_when_counts_differ():
     expect = torch.einsum("bhnm,gh->bgnm", x, conv.weight[:, :, 0, 0])
     torch.testing.assert_close(conv(x), expect)
     assert conv(x).shape == (2, 3, 5, 5) and conv.bias is None
-    same = head_mixing_adapter(3, 3)
-    torch.testing.assert_close(same(x.repeat(1, 2, 1, 1)[:, :3]), x.repeat(1, 2, 1, 1)[:, :3])  # identity at start
+
+
+def test_adapter_starts_as_mae_lites_conv2d():
+    """mae-lite's attn_adapter is a plain nn.Conv2d(H_s, H_t, 1, bias=False) with its default initialisation:
+    drawn from the same RNG state, the same weights here (not the identity, even for equal head counts)."""
+    for heads in ((3, 3), (3, 6)):
+        torch.manual_seed(11)
+        reference = torch.nn.Conv2d(*heads, 1, bias=False)
+        torch.manual_seed(11)
+        adapter = head_mixing_adapter(*heads)
+        torch.testing.assert_close(adapter.weight, reference.weight)
+        assert adapter.bias is None
 
 
 def test_teacher_sees_the_students_visible_patches():
@@ -42,6 +52,9 @@ def test_teacher_sees_the_students_visible_patches():
     teacher = create_model("vit_test", img_size=28, patch_size=4, num_classes=0, attn_impl="math")
     teacher.load_state_dict(student.encoder.state_dict())
     m = DMAE(student, teacher, 0.75)
+    with torch.no_grad():  # head to head, so that equal logits give a zero loss
+        h = m.adapter.weight.shape[0]
+        m.adapter.weight.copy_(torch.eye(h).view(h, h, 1, 1))
     out = m(_batch())
     assert out["loss_attn"].item() < 1e-10 and out["loss"].item() == pytest.approx(out["loss_mae"].item())
     # and a different mask on the teacher's side would not be zero
@@ -94,7 +107,37 @@ def test_hidden_state_distillation_is_optional_and_logged():
     assert set(out) == {"loss", "loss_mae", "loss_attn", "loss_hidden"}
     torch.testing.assert_close(out["loss"], out["loss_mae"] + out["loss_attn"] + 2.0 * out["loss_hidden"])
     with pytest.raises(ValueError, match="hidden_layers"):
-        DMAE(_student(), teacher, 0.75, hidden_layers=[5])
+        DMAE(_student(), teacher, 0.75, hidden_layers=[3])  # 0..2 for 2-block models
+
+
+def _rep_by_hand(vit, tokens, i):
+    """mae-lite's RepCatcher by hand: run i blocks, then block i's norm1 (or the final norm after the last)."""
+    for blk in vit.blocks[:i]:
+        tokens = blk(tokens)
+    return vit.blocks[i].norm1(tokens) if i < vit.depth else vit.norm(tokens)
+
+
+def test_hidden_distillation_reads_mae_lites_normalised_representations():
+    """Index i is the representation after i blocks through a LayerNorm (block i's norm1; the final norm at the
+    depth), student and teacher on the same visible tokens, the student's through a Linear without bias."""
+    student = _student()
+    torch.manual_seed(6)
+    teacher = create_model("vit_test", img_size=28, patch_size=4, num_classes=0, embed_dim=48, num_heads=4,
+                           attn_impl="math")
+    m = DMAE(student, teacher, 0.75, hidden_layers=[0, 1, 2])
+    assert all(a.bias is None for a in m.hidden_adapters.values())
+    batch = _batch()
+    out = m(batch)
+    keep = keyed_shuffle(batch.keys, 49)[:, : num_visible(49, 0.75)]
+
+    def visible(vit, dim):
+        x = vit.embed_patches(batch.images)
+        return vit.prepend_cls(torch.gather(x, 1, keep[..., None].expand(-1, -1, dim)))
+
+    s0, t0 = visible(student.encoder, 32), visible(teacher, 48)
+    hand = sum(((m.hidden_adapters[str(i)].weight @ _rep_by_hand(student.encoder, s0, i)[..., None]).squeeze(-1)
+                - _rep_by_hand(teacher, t0, i)).square().mean() for i in (0, 1, 2)) / 3
+    torch.testing.assert_close(out["loss_hidden"], hand)
 
 
 def test_d2mae_decodes_from_block_8_equivalent_and_distils_on_top():

@@ -10,12 +10,16 @@ from fastvit_pt.models.mae import mae_loss
 from fastvit_pt.models.vit import sincos_pos_embed_2d
 
 
-@pytest.mark.parametrize("L,r", [(196, 0.75), (49, 0.75), (64, 0.9), (10, 0.33), (4, 0.5)])
-def test_masking_keeps_round_count_and_restore_inverts(L, r):
+# (L, r, kept): facebookresearch/mae's and mae-lite's `len_keep = int(L * (1 - mask_ratio))` worked by hand;
+# rounding instead would keep one patch more in the rows marked *
+@pytest.mark.parametrize("L,r,kept", [(196, 0.75, 49), (49, 0.75, 12), (196, 0.9, 19), (196, 0.7, 58),
+                                      (49, 0.6, 19), (49, 0.7, 14), (49, 0.9, 4), (64, 0.9, 6), (10, 0.33, 6),
+                                      (4, 0.5, 2)])
+def test_masking_keeps_the_reference_count_and_restore_inverts(L, r, kept):
     torch.manual_seed(0)
     x = torch.randn(3, L, 8)
     vis, mask, ids_restore, ids_shuffle = random_masking(x, r)
-    keep = int(round((1 - r) * L))
+    keep = kept
     assert num_visible(L, r) == keep
     assert vis.shape == (3, keep, 8)
     assert (mask.sum(1) == L - keep).all()

@@ -151,3 +151,24 @@ def test_mae_refuses_another_size_by_name():
     mae = create_model("mae_vit_test", img_size=32, patch_size=4)
     with pytest.raises(ValueError, match="input is 48x48 px but this MAE reconstructs 32x32"):
         mae(torch.randn(1, 3, 48, 48))
+
+
+def test_hidden_out_counts_blocks_and_hidden_norm_is_mae_lites():
+    """hidden_out key i is the residual stream after i blocks (0 = the embedded input), as mae-lite's RepCatcher
+    indexes it; hidden_norm(i) is the LayerNorm it reads them through (block i's norm1, the final norm at depth)."""
+    torch.manual_seed(0)
+    vit = create_model("vit_test", img_size=28, patch_size=4, num_classes=0, attn_impl="math")
+    x = vit.prepend_cls(vit.embed_patches(torch.randn(2, 3, 28, 28)))
+    hidden = {i: None for i in range(vit.depth + 1)}
+    out, _ = vit.forward_tokens(x, hidden_out=hidden)
+    by_hand = [x]
+    for blk in vit.blocks:
+        by_hand.append(blk(by_hand[-1]))
+    for i in range(vit.depth + 1):
+        torch.testing.assert_close(hidden[i], by_hand[i])
+    torch.testing.assert_close(out, vit.norm(by_hand[-1]))
+    assert [vit.hidden_norm(i) for i in range(vit.depth + 1)] == [b.norm1 for b in vit.blocks] + [vit.norm]
+    pooled = create_model("vit_test", img_size=28, patch_size=4, num_classes=0, global_pool="avg")
+    assert pooled.hidden_norm(pooled.depth) is pooled.fc_norm  # the final norm moved after pooling
+    with pytest.raises(ValueError, match="0..2"):
+        vit.hidden_norm(3)
