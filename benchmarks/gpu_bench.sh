@@ -11,7 +11,8 @@
 #   teacher    bench model --method mae,dmae,d2mae,mocov3,dino,simmim --teacher vit_base_patch16: what D-MAE's and
 #              D2-MAE's frozen ViT-Base costs, MoCo-v3's two views and momentum encoder, DINO's 2 + 10 crops and
 #              SimMIM's full-token encoder, beside MAE
-#   ablation   bench model --ablate: SDPA, fused AdamW, bf16, torch.compile each alone, then all (~2 compiles)
+#   ablation   bench model --ablate: SDPA, fused AdamW, bf16, torch.compile: all 16 combinations (8 compiles)
+#              (~8 min on its own with its compiles: in a second call, `--only ablation --budget 540`)
 # Each step runs under its own timeout and the overall --budget, writes OUT/<step>.json the moment it ends, and
 # appends one line to OUT/steps.log (a failed step also its output's last lines); a failed step never stops the
 # rest. Not yet run on a GPU (the session that wrote it had none): ~6 min on the H200 is an estimate (each
@@ -123,7 +124,7 @@ else
   size=(--batch 512)
   method_set=()
   timed=(--steps 50 --warmup 10)
-  ablation_timed=(--steps 20 --warmup 5)  # the warm-up holds the two torch.compile builds (~1 min each)
+  ablation_timed=(--steps 10 --warmup 2)  # 16 cases; the warm-up holds the 8 torch.compile builds (~30-60 s each)
   e2e=(train.global_batch=512 train.micro_batch=512 --steps 15 --warmup 5 --windows 3)
   loader=(--batch 512 --img-size 224 --epochs 2)
 fi
@@ -241,7 +242,7 @@ step teacher 360 "${FV[@]}" bench model "${size[@]}" "${timed[@]}" --device "$de
 
 selected ablation && [ ${#no_compile[@]} -gt 0 ] \
   && echo "    note: the ablation's torch.compile rows below run eagerly (TORCHDYNAMO_DISABLE=1, CPU dry run)" >> "$LOG"
-step ablation 300 "${no_compile[@]}" "${FV[@]}" bench model "${size[@]}" "${ablation_timed[@]}" --device "$device" \
+step ablation 540 "${no_compile[@]}" "${FV[@]}" bench model "${size[@]}" "${ablation_timed[@]}" --device "$device" \
   --ablate --timm-ref none --json "$out_dir/ablation.json"
 
 # the optional libraries' variants: a log line instead where one does not import

@@ -7,7 +7,7 @@ import dataclasses
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -66,6 +66,7 @@ def _engine_config(model: str, batch: int, img_size: int, patch_size: int, preci
     over = {"model.name": model, "model.img_size": img_size, "model.patch_size": patch_size, "model.attn_impl": attn,
             "method.name": method, "engine.kind": engine, "engine.precision": precision,
             "engine.device": device, "train.global_batch": batch, "train.micro_batch": batch, "optim.warmup_epochs": 0,
+            "optim.fused": "null", "engine.compile": False,  # a timed case is fixed, never measured again
             **(extra or {})}
     from .methods.configs import section_class
 
@@ -91,16 +92,75 @@ def synthetic_batch(views, batch: int, img_size: int, dtype: torch.dtype, device
     return Batch(imgs[0], labels, sample_seeds(0, 0, range(batch)).to(device), more_views=imgs[1:])
 
 
-# `bench model --ablate`: every GPU-path kernel off, each switched on alone, then all on
-ABLATION = (
-    ("none fused", {}),
-    ("+ SDPA attention", {"model.attn_impl": "sdpa"}),
-    ("+ fused AdamW", {"optim.fused": True}),
-    ("+ bf16 autocast", {"engine.precision": "bf16"}),
-    ("+ torch.compile", {"engine.compile": True}),
-    ("all fused", {"model.attn_impl": "sdpa", "optim.fused": True, "engine.precision": "bf16", "engine.compile": True}),
-)
+# `bench model --ablate`: the four switches of the step policy (engine/policy.py), every one off, each on alone,
+# all on, then the rest of the 16 combinations, so that the fastest is found, not assumed
 ABLATION_BASE = {"model.attn_impl": "math", "optim.fused": False, "engine.precision": "fp32", "engine.compile": False}
+_SWITCHES = (("model.attn_impl", "sdpa", "SDPA"), ("optim.fused", True, "fused AdamW"),
+             ("engine.precision", "bf16", "bf16"), ("engine.compile", True, "compile"))
+
+
+def ablation_cases() -> List[Tuple[str, Dict]]:
+    """(label, overrides) for every combination of the four switches: none, each alone, all on, then the rest."""
+    import itertools
+
+    combos = sorted(itertools.product((False, True), repeat=len(_SWITCHES)),
+                    key=lambda on: (sum(on) not in (0, 1, len(on)), sum(on) == len(on), sum(on), [not x for x in on]))
+    out = []
+    for on in combos:
+        names = [name for (_, _, name), x in zip(_SWITCHES, on) if x]
+        label = "none (fp32, math, foreach, eager)" if not names else (
+            "all on" if len(names) == len(on) else ("+ " if len(names) == 1 else "") + " + ".join(names))
+        out.append((label, {key: value for (key, value, _), x in zip(_SWITCHES, on) if x}))
+    return out
+
+
+ABLATION = tuple(ablation_cases())
+
+
+def ablation_summary(rows: List[Dict], device: torch.device) -> Dict:
+    """The fastest combination, today's default (engine/policy.py's fallback: what `auto` ran before it measured)
+    and what `auto` picks from these rates for a long run (the fastest eager combination and its near-ties,
+    compiled where that is faster, as decide_compile), each with its ratio to none."""
+    from .engine.policy import Combo, choose, fallback, near_ties
+
+    def combo(r):
+        return Combo(r["precision"], r["attn"], bool(r["fused_adamw"]))
+
+    none = rows[0]
+    eager = [r for r in rows if not r["compile"]]
+    order = [combo(r) for r in eager]
+    default = next(r for r in eager if combo(r) == fallback(order, device))
+    rates = {combo(r): r["img_per_s"] for r in eager}
+    pick = next(r for r in eager if combo(r) == choose(rates, order))
+    near = near_ties(rates, order, combo(pick))  # as decide_compile: the near-ties' compiled rows decide
+    compiled = [r for r in rows if r["compile"] and combo(r) in near]
+    fastest = max(compiled, key=lambda r: r["img_per_s"], default=None)
+    auto = fastest if fastest and fastest["img_per_s"] > pick["img_per_s"] else pick
+    best = max(rows, key=lambda r: r["img_per_s"])
+
+    def entry(r):
+        return {"case": r["name"], "img_per_s": r["img_per_s"], "vs_none": round(r["img_per_s"] / none["img_per_s"], 3),
+                "vs_default": round(r["img_per_s"] / default["img_per_s"], 3)}
+
+    return {"best": entry(best), "default": entry(default), "auto": entry(auto)}
+
+
+def policy_cases(model: str, batch: int, img_size: int, patch_size: int, method: str, device: str,
+                 method_fields: Optional[Dict] = None, total_steps: int = 500_000) -> Tuple[List[Tuple[str, Dict]], object]:
+    """`bench model --policy`: the step `auto` resolves to for a run of `total_steps` optimizer steps (through
+    engine/policy.py itself: measured, or from its cache), beside the default before it measured (its fallback
+    for this device), as two cases; and the policy, with its figures."""
+    from .distributed.env import pick_device
+    from .engine.policy import candidates, decide_compile, fallback, resolve_step_policy
+
+    dev = pick_device(device)
+    cfg = _engine_config(model, batch, img_size, patch_size, "auto", dev.type, "torch", "auto", method, method_fields,
+                         {"optim.fused": "auto", "engine.compile": "auto"})
+    pol = decide_compile(resolve_step_policy(cfg, dev), cfg, dev, total_steps)
+    old = fallback(candidates("auto", "auto", None, dev), dev)
+    return [("default before (fallback, eager)", {**old.overrides(), "engine.compile": False}),
+            (f"auto ({pol.source})", {"engine.precision": pol.precision, "model.attn_impl": pol.attn_impl,
+                                      "optim.fused": pol.fused, "engine.compile": bool(pol.compile)})], pol
 
 
 def _engine_step(engine, batch) -> Callable[[], None]:
@@ -172,7 +232,7 @@ def bench_model(
             case_flops = train_flops_per_image(method, data)
             flops = flops or case_flops
             engine = engine_class(kind)(method, plan, cfg.engine, cfg.optim)
-            meta = {"engine": kind, "precision": engine.precision, "compile": cfg.engine.compile,
+            meta = {"engine": kind, "precision": engine.precision, "compile": plan.compile,
                     "fused_adamw": bool(engine.optimizer.defaults.get("fused")), "method": cfg.method.name,
                     "views": len(data.views), "flops": case_flops}
             built.append((label, impl, meta, _engine_step(engine, data)))
@@ -206,9 +266,11 @@ def bench_model(
     for r in ours:  # side by side: against the first row with the same engine and attention (ablation: the first row)
         base = ours[0] if variants else next(x for x in ours if (x["attn"], x["engine"]) == (r["attn"], r["engine"]))
         r["ratio_vs_first"] = round(r["img_per_s"] / base["img_per_s"], 3)
+    summary = ablation_summary(ours, dev) if variants and len(variants) == len(ABLATION) else None
     return {
         "model": model,
         "methods": list(methods),
+        "ablation": summary,
         "batch": batch,
         "img_per_s": primary["img_per_s"],
         "best_attn": primary["attn"],

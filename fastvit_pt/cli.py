@@ -340,8 +340,11 @@ def bench() -> None:
               help="timm model timed beside ours (full tokens, 12 heads); 'none' to skip.")
 @click.option("--engine", "engines", default="torch", show_default=True,
               help="Engines to time side by side: torch, deepspeed, or torch,deepspeed.")
-@click.option("--ablate", is_flag=True, help="The fused-kernel ablation instead: SDPA, fused AdamW, bf16 autocast and "
-              "torch.compile all off, each switched on alone, then all on (first --engine only).")
+@click.option("--ablate", is_flag=True, help="The step-policy ablation instead: SDPA, fused AdamW, bf16 autocast and "
+              "torch.compile all off, each on alone, all on, then the other combinations (16; first --engine only), "
+              "with the fastest, today's default and what `auto` picks.")
+@click.option("--policy", is_flag=True, help="The step `auto` resolves to for a long run (measured through the "
+              "policy itself, or from its cache), beside the default before it measured (first --method only).")
 @click.option("--method", "methods", default="mae", show_default=True,
               help="Methods to time side by side (`fastvit models`), e.g. mae,dmae,d2mae,mocov3; 'vs 1st' is each "
               "against the first method with the same engine and attention.")
@@ -351,10 +354,10 @@ def bench() -> None:
 @click.option("--plot", "plot_png", type=click.Path(dir_okay=False), default=None, help="Also draw the results as bars (PNG).")
 @click.argument("method_settings", nargs=-1)
 def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, warmup, device, timm_ref, engines,
-                    ablate, methods, teacher, json_path, plot_png, method_settings):
+                    ablate, policy, methods, teacher, json_path, plot_png, method_settings):
     """Model-only train-step img/s (the engine's forward + backward + AdamW step) on a synthetic batch, with MFU.
     METHOD_SETTINGS (decoder_block=1 mlp_dim=1024) apply to the methods whose section has them."""
-    from .bench import ABLATION, bench_model
+    from .bench import ABLATION, bench_model, policy_cases
     from .engine.metrics import Progress
 
     impls = [a.strip() for a in attn.split(",") if a.strip()]
@@ -372,10 +375,15 @@ def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, 
     from .config import parse_overrides
 
     settings = parse_overrides(list(method_settings))
-    cases = len(ABLATION) if ablate else len(impls) * len(kinds) * len(names)
+    variants, chosen = (ABLATION, None) if ablate else ((), None)
+    if policy:
+        fields = {"teacher": "random", "teacher_model": teacher, **settings}
+        variants, chosen = policy_cases(model, batch, img_size, patch_size, names[0], device, fields)
+        click.echo("\n".join(chosen.describe()))
+    cases = len(variants) if variants else len(impls) * len(kinds) * len(names)
     with Progress(True, steps * (cases + (ref is not None)), "bench model", unit="step") as bar:
         res = bench_model(model, batch, img_size, patch_size, precision, impls, steps, warmup, device,
-                          timm_reference=ref, progress=bar.update, engines=kinds, variants=ABLATION if ablate else (),
+                          timm_reference=ref, progress=bar.update, engines=kinds, variants=variants,
                           teacher=teacher, methods=names, method_settings=settings)
     click.echo(f"{res['env']['device']}, torch {res['env']['torch']}, {res['precision']}, batch {batch}, {img_size} px; "
                f"{res['train_gflops_per_image']} GFLOP per image per train step; peak {res['peak']['tflops']} TFLOP/s "
@@ -388,6 +396,12 @@ def bench_model_cmd(model, batch, img_size, patch_size, precision, attn, steps, 
         util = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         click.echo(f"{r['name']:46s} {r['engine']:>10s} {r['attn']:>12s} {r['img_per_s']:9.1f} {r['step_ms_median']:9.1f} "
                    f"{util:>7s} {first:>7s} {ratio:>8s}")
+    for what, s in (res.get("ablation") or {}).items():
+        title = {"best": "fastest", "default": "default before auto measured", "auto": "auto picks (a long run)"}[what]
+        click.echo(f"{title:30s} {s['case']:36s} {s['img_per_s']:8.1f} img/s  {s['vs_none']:.2f}x none  "
+                   f"{s['vs_default']:.2f}x default")
+    if chosen is not None:
+        res["policy"] = {"lines": chosen.describe(), "rates": chosen.rates}
     _write_json(res, json_path)
     _write_plot("model", res, plot_png)
 

@@ -12,7 +12,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
@@ -123,8 +123,9 @@ class OptimConfig:
     """optimizer=sgd: momentum."""
     nesterov: bool = True
     """optimizer=sgd: Nesterov momentum."""
-    fused: Optional[bool] = None
-    """AdamW implementation: true = fused kernel (CUDA), false = foreach, null = fused on CUDA else foreach."""
+    fused: Union[bool, str, None] = "auto"
+    """AdamW (and SGD) implementation: true = fused kernel, false = foreach, null = fused on CUDA else foreach,
+    auto = the faster one measured for this run (engine/policy.py)."""
 
 
 @dataclass
@@ -135,10 +136,12 @@ class EngineConfig:
     device: str = "auto"
     """cuda, cpu, or auto (cuda when available)."""
     precision: str = "auto"
-    """Autocast dtype: bf16, fp16 (dynamic loss scaling; CUDA only), fp32, or auto: bf16 on CUDA and on CPUs
-    with native bf16 (avx512_bf16 / amx_bf16), fp32 on others, where bf16 matmuls are emulated and ~10x slower."""
-    compile: bool = False
-    """Wrap the method in torch.compile (costs about 20 s of compilation on CPU)."""
+    """Autocast dtype: bf16, fp16 (dynamic loss scaling; CUDA only), fp32, or auto: the faster of bf16 and fp32
+    measured for this run's model step on this device, together with model.attn_impl and optim.fused when they
+    are auto too (engine/policy.py; without a measurement: bf16 where it is native, else fp32)."""
+    compile: Union[bool, str] = "auto"
+    """Wrap the method in torch.compile: true, false, or auto: on when the run is long enough for the measured
+    per-step saving to repay the measured compile time twice (engine/policy.py)."""
     zero_stage: int = 1
     """engine.kind=deepspeed: ZeRO stage 0 (replicated), 1 (optimizer state partitioned) or 2 (+ gradients)."""
     deepspeed_config: Optional[str] = None
@@ -236,6 +239,10 @@ class Config:
                           stacklevel=2)
         if e.precision not in PRECISIONS:
             raise ConfigError(f"engine.precision: expected one of {', '.join(PRECISIONS)}, got {e.precision!r}")
+        if e.compile not in (True, False, "auto"):
+            raise ConfigError(f"engine.compile: expected true, false or auto, got {e.compile!r}")
+        if self.optim.fused not in (True, False, None, "auto"):
+            raise ConfigError(f"optim.fused: expected true, false, null or auto, got {self.optim.fused!r}")
         if e.device not in ("auto", "cpu", "cuda") and not e.device.startswith("cuda:"):
             raise ConfigError(f"engine.device: expected auto, cpu or cuda, got {e.device!r}")
         for key in ("epochs", "global_batch", "micro_batch", "log_every", "save_every_epochs", "keep_checkpoints"):
@@ -302,7 +309,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        for i, a in enumerate(inner):  # the first type that takes the value (bool before str: compile: true)
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                if i == len(inner) - 1:
+                    raise ConfigError(f"{key}: expected {' or '.join(_type_name(x) for x in inner)}, got {value!r} "
+                                      f"({type(value).__name__})") from None
     if origin in (tuple, Tuple):
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")

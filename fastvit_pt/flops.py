@@ -55,14 +55,34 @@ def train_flops_per_image(method: nn.Module, batch, samples: int = 2) -> float:
     return counter.get_total_flops() / samples
 
 
+def gpu_peak_key(name: str) -> Optional[str]:
+    """The GPU_PEAK entry for a device name such as "NVIDIA H100 80GB HBM3" or "NVIDIA A100-SXM4-40GB": the
+    model must match exactly, as a whole word (an "H200 NVL", "H100 NVL" or "A100X" is another part with other
+    peaks, so it gets none rather than a neighbour's)."""
+    import re
+
+    words = re.sub(r"^NVIDIA\s+", "", name.strip()).replace("-", " ").split()
+    for key in sorted(GPU_PEAK, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        n = len(key.split())
+        if words[:n] == key.split():
+            rest = words[n:]
+            if not rest or rest[0] not in _OTHER_PARTS:
+                return key
+    return None
+
+
+# a word after the model name that makes it a different part
+_OTHER_PARTS = {"NVL", "PCIe", "CNX", "X"}
+
+
 def peak_flops(device: torch.device, precision: str, measure_cpu: bool = True) -> Dict:
     """The peak an MFU is taken against: the datasheet figure for known GPUs, else (CPU) the measured rate
     of a large matrix multiply in the compute dtype, which is what this machine can actually sustain."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peaks in GPU_PEAK.items():
-            if key in name:
-                return {"flops": peaks[precision], "source": f"{key} datasheet, dense {precision}"}
+        key = gpu_peak_key(name)
+        if key:
+            return {"flops": GPU_PEAK[key][precision], "source": f"{key} datasheet, dense {precision}"}
         return {"flops": None, "source": f"no datasheet peak for {name}"}
     if not measure_cpu:
         return {"flops": None, "source": "not measured"}

@@ -3,11 +3,17 @@ ship, gathered by `fastvit data photos`, plus FASTVIT_PHOTOS=DIR[:DIR] folders w
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# a run is a function of its config in the tests: `auto` switches take the fallback, never a measurement or a
+# cache a developer's runs left behind (tests/engine/test_policy.py measures, in its own cache)
+os.environ["FASTVIT_PROBE"] = "0"
+os.environ["FASTVIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastvit-test-cache-")
 
 
 @pytest.fixture(scope="session")

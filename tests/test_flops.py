@@ -1,4 +1,5 @@
 """The one FLOP count every MFU uses, checked against the ViT arithmetic done by hand."""
+import pytest
 import torch
 
 from fastvit_pt.config import Config
@@ -50,3 +51,14 @@ def test_vit_tiny_flops_match_the_hand_count_with_fused_attention():
 def test_mfu_arithmetic():
     assert mfu(1000.0, 2e9, 4e12) == 0.5
     assert mfu(None, 2e9, 4e12) is None and mfu(1000.0, 2e9, None) is None
+
+
+@pytest.mark.parametrize("name,key", [
+    ("NVIDIA H200", "H200"), ("NVIDIA H200 NVL", None), ("NVIDIA H100 80GB HBM3", "H100"),
+    ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", None), ("NVIDIA A100-SXM4-80GB", "A100"),
+    ("NVIDIA A100 80GB PCIe", "A100"), ("NVIDIA A10", None), ("NVIDIA GH200 480GB", None)])
+def test_gpu_peaks_match_the_exact_part(name, key):
+    """An H200 NVL (or H100 NVL, A10, GH200) is not the part whose datasheet peak the table holds."""
+    from fastvit_pt.flops import gpu_peak_key
+
+    assert gpu_peak_key(name) == key

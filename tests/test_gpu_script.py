@@ -61,7 +61,7 @@ def test_dry_run_runs_every_step_and_writes_plausible_json(tmp_path):
     assert next(r for r in teacher["runs"] if r["method"] == "dino")["views"] == 12  # 2 global + 10 local crops
 
     ablation = json.loads((out / "ablation.json").read_text())
-    assert len(ablation["runs"]) == 6 and all(row["img_per_s"] > 0 for row in ablation["runs"])
+    assert len(ablation["runs"]) == 16 and ablation["ablation"]["auto"]["img_per_s"] > 0 and all(row["img_per_s"] > 0 for row in ablation["runs"])
 
     for name in ["e2e_torchvision"] + (["e2e_deepspeed"] if ds else []):
         e2e = json.loads((out / f"{name}.json").read_text())

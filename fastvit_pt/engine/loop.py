@@ -91,6 +91,7 @@ def build_training(cfg: Config, env: DistEnv):
         views=cfg.method.views(),  # the crops the method asks for; None: the data section's one
     )
     plan.set_data(len(loader), len(loader.classes), cfg.data.path)
+    plan.decide_compile(cfg)
     method = build_method(cfg.method, cfg.model, plan)
     if cfg.eval.path and not method.classifies and not cfg.eval.knn_every_epochs:
         from ..methods.configs import method_names, section_class
@@ -164,6 +165,8 @@ def _train(cfg: Config, env: DistEnv, resume: Optional[str]) -> TrainResult:
     state = load_checkpoint(resume_path) if resume_path else None  # fail before building anything
     seed_everything(t.seed + env.rank)
     loader, method, engine, plan = build_training(cfg, env)
+    if env.is_main and plan.policy.source != "fixed":  # what `auto` chose, and the figures behind it
+        print("\n".join(plan.policy.describe()), file=sys.stderr)
     eval_loader = build_eval_loader(cfg, env, plan.dtype) if method.classifies else None
     knn = KnnMonitor(cfg, env, plan.dtype) if cfg.eval.knn_every_epochs else None
     micro_per_epoch = plan.micro_per_epoch

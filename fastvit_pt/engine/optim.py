@@ -35,20 +35,20 @@ def build_adamw(groups: List[Dict], lr: float, betas, eps: float, device: torch.
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kw)
 
 
-def build_optimizer(groups: List[Dict], o, lr: float, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(groups: List[Dict], o, lr: float, device: torch.device, fused=None) -> torch.optim.Optimizer:
     """The optimizer `o` (an OptimConfig) names over `groups`: AdamW, or SGD with (Nesterov) momentum.
 
     Besides torch's keys a group may carry `lr_scale` (its share of the scheduled lr: layer decay) and
     `frozen_steps` (lr 0 for the first N optimizer steps: DINO's frozen last layer); `wd_scale` (its share of the
-    scheduled weight decay) is set here from the weight decay the method gave it."""
+    scheduled weight decay) is set here from the weight decay the method gave it. `fused`: the kernel the run
+    plan resolved (None: fused on CUDA, foreach elsewhere)."""
     groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]  # names are for people, not torch
     for g in groups:
         g.setdefault("wd_scale", g["weight_decay"] / o.weight_decay if o.weight_decay else 0.0)
     if o.optimizer == "sgd":
-        fused = device.type == "cuda" if o.fused is None else o.fused
-        kw = {"fused": True} if fused else {"foreach": True}
+        kw = {"fused": True} if (device.type == "cuda" if fused is None else fused) else {"foreach": True}
         return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, **kw)
-    return build_adamw(groups, lr, o.betas, o.eps, device, o.fused)
+    return build_adamw(groups, lr, o.betas, o.eps, device, fused)
 
 
 class WarmupCosine:

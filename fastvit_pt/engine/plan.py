@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, List, Optional
 import torch
 
 from ..config import Config
-from ..distributed.env import DistEnv, resolve_precision
+from ..distributed.env import DistEnv
+from .policy import StepPolicy, decide_compile, resolve_step_policy
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipelines.config import PipelineConfig
@@ -30,12 +31,14 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> 
     return global_batch // per_step
 
 
-def resolve_attn_impl(impl: str, device: torch.device, precision: str) -> str:
-    """auto: fused SDPA, except for bf16 on CPU, where SDPA's backward measured slower than the explicit
-    softmax(QK^T)V (benchmarks/results/cpu_model.md: `fastvit bench model --attn sdpa,math`)."""
-    if impl != "auto":
-        return impl
-    return "math" if device.type == "cpu" and precision == "bf16" else "sdpa"
+def _on_rank0(fn, env: DistEnv):
+    """fn() on rank 0, its result broadcast to every rank (one decision per run, even where measurements would
+    differ between ranks); fn() everywhere without a process group."""
+    if not (env.distributed and torch.distributed.is_initialized()):
+        return fn()
+    box = [fn() if env.is_main else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @dataclass
@@ -46,6 +49,7 @@ class RunPlan:
     """bf16, fp16 or fp32 (engine.precision resolved for the device)."""
     attn_impl: str
     """sdpa or math (model.attn_impl resolved for the device and precision)."""
+    fused: bool
     global_batch: int
     micro_batch: int
     accum: int
@@ -59,6 +63,10 @@ class RunPlan:
     steps_per_epoch: int = 0
     """Optimizer steps per epoch: set once the loader is built (`set_data`)."""
     num_classes: int = 0
+    compile: bool = False
+    """torch.compile (engine.compile resolved by `decide_compile`, once the schedule's length is known)."""
+    policy: Optional[StepPolicy] = None
+    """How precision, attention, AdamW and compile were chosen, and the figures behind it (engine/policy.py)."""
     engine_extra: dict = field(default_factory=dict)
     """What the engine kind resolved before anything was built (DeepSpeed: its JSON config)."""
 
@@ -82,6 +90,11 @@ class RunPlan:
     def micro_per_epoch(self) -> int:
         return self.steps_per_epoch * self.accum
 
+    def decide_compile(self, cfg: Config) -> None:
+        """engine.compile for this run's length (auto: measured, engine/policy.py), the same on every rank."""
+        self.policy = _on_rank0(lambda: decide_compile(self.policy, cfg, self.device, self.total_steps), self.env)
+        self.compile = bool(self.policy.compile)
+
     def set_data(self, micro_batches_per_epoch: int, num_classes: int, path: str = "") -> None:
         self.steps_per_epoch = micro_batches_per_epoch // self.accum
         self.num_classes = num_classes
@@ -93,16 +106,17 @@ class RunPlan:
 
 
 def make_plan(cfg: Config, env: DistEnv) -> RunPlan:
-    """Resolve precision, attention and accumulation for `cfg` on this rank; raises before any work when the batch
+    """Resolve precision, attention, the optimizer's kernel and accumulation for `cfg` on this rank (the `auto`
+    ones measured or read from the cache on rank 0: engine/policy.py); raises before any work when the batch
     sizes and the world size disagree."""
-    precision = resolve_precision(cfg.engine.precision, env.device)
-    if precision == "fp16" and env.device.type != "cuda":
+    if cfg.engine.precision == "fp16" and env.device.type != "cuda":
         raise ValueError("engine.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")
     t = cfg.train
+    accum = accumulation_steps(t.global_batch, t.micro_batch, env.world_size)
+    policy = _on_rank0(lambda: resolve_step_policy(cfg, env.device, env.is_main), env)
     return RunPlan(
-        env=env, precision=precision, attn_impl=resolve_attn_impl(cfg.model.attn_impl, env.device, precision),
-        global_batch=t.global_batch, micro_batch=t.micro_batch,
-        accum=accumulation_steps(t.global_batch, t.micro_batch, env.world_size), epochs=t.epochs,
+        env=env, precision=policy.precision, attn_impl=policy.attn_impl, fused=policy.fused, policy=policy,
+        global_batch=t.global_batch, micro_batch=t.micro_batch, accum=accum, epochs=t.epochs,
         peak_lr=cfg.peak_lr, warmup_epochs=cfg.optim.warmup_epochs, seed=t.seed, data=cfg.data,
     )
 
@@ -114,6 +128,7 @@ def bench_plan(cfg: Config, env: DistEnv, num_classes: int = 1000) -> RunPlan:
     plan = make_plan(cfg, env)
     plan.engine_extra = engine_class(cfg.engine.kind).prepare(plan, cfg.engine, cfg.optim)
     plan.set_data(10**6 * plan.accum, num_classes)
+    plan.compile = cfg.engine.compile is True  # timing a case: compile only where the case asks for it
     return plan
 
 
@@ -136,12 +151,13 @@ def describe_plan(cfg: Config) -> str:
         f"method          {cfg.method.name} on {cfg.model.name} ({n_params / 1e6:.2f} M trainable parameters)",
         *(f"                {line}" for line in method.describe()),
         f"attention       {plan.attn_impl} (model.attn_impl={cfg.model.attn_impl})",
+        *plan.policy.describe(),
         f"device          {env.device}, {plan.precision} (engine.precision={cfg.engine.precision}), "
         f"world size {env.world_size}",
         f"data            {cfg.data.backend}: {loader.num_samples} images, {len(loader.classes)} classes in {cfg.data.path}",
         f"views           {len(views)} per image: " + ", ".join(f"{v.size or cfg.model.img_size} px" for v in views)
         if views else None,
-        f"engine          {engine.describe()}" + (", torch.compile" if cfg.engine.compile else ""),
+        f"engine          {engine.describe()}" + (", torch.compile" if plan.compile else ""),
         f"batch           {t.global_batch} global = {t.micro_batch} micro x {env.world_size} ranks x {plan.accum} accumulation",
         f"schedule        {t.epochs} epochs x {plan.steps_per_epoch} steps = {plan.total_steps} optimizer steps, "
         f"peak lr {plan.peak_lr:.3g}, warm-up {cfg.optim.warmup_epochs:g} epochs",

@@ -47,7 +47,7 @@ class Engine:
         self._broadcast_held()
         # a method brings its own groups (fine-tuning: layer-wise lr decay; the base: decay / no-decay)
         self.optimizer = build_optimizer(method.param_groups(optim_cfg.weight_decay), optim_cfg, plan.peak_lr,
-                                         self.device)
+                                         self.device, plan.fused)
         self.schedule = WarmupCosine(plan.peak_lr, plan.total_steps, plan.warmup_steps, optim_cfg.min_lr)
         o = optim_cfg
         self.wd_schedule = None if o.weight_decay_end is None else CosineValue(o.weight_decay, o.weight_decay_end,

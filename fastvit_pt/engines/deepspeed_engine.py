@@ -45,6 +45,8 @@ def deepspeed_config(plan, engine_cfg, optim_cfg) -> Dict[str, Any]:
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
     }
+    if plan.precision == "bf16":
+        out.update(_bf16_master_fp32(e.zero_stage))
     if e.deepspeed_config:
         path = Path(e.deepspeed_config)
         if not path.is_file():
@@ -57,6 +59,22 @@ def deepspeed_config(plan, engine_cfg, optim_cfg) -> Dict[str, Any]:
             raise ConfigError(f"engine.deepspeed_config: {path} must hold a JSON object")
         _merge_overlay(out, overlay, str(path))
     return out
+
+
+def _bf16_master_fp32(stage: int) -> Dict[str, Any]:
+    """What keeps DeepSpeed's bf16 numerically where the torch engine is (fp32 weights and gradients, bf16 only
+    inside autocast's matmuls). DeepSpeed casts the module to bf16 and, left alone, accumulates and reduces the
+    gradients in bf16 too. ZeRO-1 with fp32 gradient accumulation is its BF16_Optimizer: fp32 master weights,
+    gradients accumulated over micro-batches and all-reduced in fp32. ZeRO-2 keeps fp32 master partitions and
+    reduces in fp32 here (communication_data_type), but adds micro-batch gradients in bf16 (DeepSpeed has no fp32
+    accumulation there). ZeRO-0 has neither (the optimizer steps the bf16 weights): refused."""
+    if stage == 0:
+        raise ConfigError("engine.kind=deepspeed with engine.precision=bf16 needs engine.zero_stage 1 or 2: at ZeRO-0 "
+                          "DeepSpeed keeps no fp32 master weights (the optimizer updates bf16 weights with bf16 "
+                          "gradients); use engine.zero_stage=1, engine.precision=fp32, or engine.kind=torch")
+    if stage == 1:
+        return {"data_types": {"grad_accum_dtype": "fp32"}}
+    return {"communication_data_type": "fp32"}
 
 
 def _merge_overlay(base: Dict[str, Any], overlay: Dict[str, Any], source: str, where: str = "") -> None:
@@ -100,7 +118,7 @@ class DeepSpeedEngine(Engine):
         self.ds, _, _, _ = deepspeed.initialize(
             model=self.module, optimizer=self.optimizer, config=self.ds_config, dist_init_required=False
         )
-        if engine_cfg.compile:
+        if plan.compile:
             self.ds.compile()
         self.zero_stage = engine_cfg.zero_stage
 
@@ -174,17 +192,19 @@ class DeepSpeedEngine(Engine):
 
     def export(self, path: Path, checkpoint: Optional[Path] = None) -> Optional[Path]:
         """Under bf16/fp16 with ZeRO-1/2 the module holds 16-bit weights and the fp32 master copy is partitioned
-        over the ranks' optimizer states: it is consolidated from the checkpoint just written, with DeepSpeed's
-        own zero_to_fp32 reader. (ZeRO-0 under bf16 exports the module's weights, up-cast.) Every rank calls it;
-        rank 0 writes."""
-        if not self.env.is_main:
-            return None
+        over the ranks' optimizers (ZeRO's, or BF16_Optimizer's under fp32 gradient accumulation): each
+        parameter's is assembled with DeepSpeed's safe_get_full_fp32_param, a collective, so every rank calls
+        this; rank 0 writes."""
         sd = self.backbone_state_dict()
-        if self.precision != "fp32" and self.zero_stage > 0 and checkpoint is not None:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        if self.precision != "fp32" and self.zero_stage > 0:
+            from deepspeed.utils import safe_get_full_fp32_param
 
-            master = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
             prefix = self.method.encoder_prefix()
-            sd = {k: master[prefix + k].float() if prefix + k in master else v for k, v in sd.items()}
-        return save_checkpoint(path, sd)
+            params = dict(self.module.named_parameters())
+            for k in sd:
+                if prefix + k in params:
+                    master = safe_get_full_fp32_param(params[prefix + k])
+                    if master is not None:
+                        sd[k] = master.detach().float().cpu().view_as(sd[k])
+        return save_checkpoint(path, sd) if self.env.is_main else None
 

@@ -23,7 +23,7 @@ class TorchEngine(Engine):
         if self.env.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        if engine_cfg.compile:
+        if plan.compile:  # engine.compile, resolved for this run (engine/policy.py)
             model = torch.compile(model)
         self.model = model
 

@@ -120,7 +120,7 @@ def _finetune_overrides(fmnist_small: Path, out: Path, init: str, **extra):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_finetune_from_mae_keeps_the_best_and_its_weights_score_it(fmnist_small, mae_run, tmp_path, precision):
     import pipelines
-    from fastvit_pt.engine.plan import DTYPES, resolve_attn_impl
+    from fastvit_pt.engine.plan import DTYPES
     from fastvit_pt.engine.evaluate import BEST_MODEL, read_best
     from fastvit_pt.engine.loop import build_training, train
     from fastvit_pt.engine.backbone import read_backbone
@@ -129,7 +129,7 @@ def test_finetune_from_mae_keeps_the_best_and_its_weights_score_it(fmnist_small,
                       _finetune_overrides(fmnist_small, tmp_path / "ft", str(mae_run), **{"engine.precision": precision}))
 
     # the encoder starts from the pre-trained blocks; the head is fresh and tiny; groups carry layer decay
-    _, method, engine, _ = build_training(cfg, DistEnv())
+    _, method, engine, plan = build_training(cfg, DistEnv())
     enc, _, _ = read_backbone(mae_run)
     torch.testing.assert_close(method.model.blocks[1].attn.qkv.weight, enc["blocks.1.attn.qkv.weight"])
     assert method.model.head.weight.abs().max() < 1e-3
@@ -147,7 +147,7 @@ def test_finetune_from_mae_keeps_the_best_and_its_weights_score_it(fmnist_small,
     # evaluated (its attention, images in its compute dtype, its autocast) they score it again, exactly
     cpu = torch.device("cpu")
     model = create_model("vit_test", img_size=28, patch_size=4, num_classes=10, global_pool="avg",
-                         attn_impl=resolve_attn_impl(cfg.model.attn_impl, cpu, precision))
+                         attn_impl=plan.attn_impl)
     model.load_state_dict(torch.load(tmp_path / "ft" / BEST_MODEL, weights_only=True))
     assert all(v.dtype == torch.float32 for v in model.state_dict().values())  # exported fp32, whatever the run
     loader = pipelines.build_loader(cfg.data.__class__(path=str(fmnist_small / "test"), workers=0, mean=cfg.data.mean,

@@ -155,3 +155,37 @@ def test_bf16_zero1_exports_the_fp32_master_weights(fmnist_small, tmp_path):
         assert torch.equal(v.bfloat16(), module["model.encoder." + k]), k
     w = "blocks.0.attn.qkv.weight"
     assert not torch.equal(exported[w], module["model.encoder." + w].float())
+
+
+def test_bf16_keeps_fp32_master_weights_and_gradient_accumulation():
+    """As the torch engine (fp32 weights and gradients under autocast): ZeRO-1 accumulates and reduces in fp32
+    (DeepSpeed's BF16_Optimizer), ZeRO-2 reduces in fp32, and ZeRO-0 (no fp32 master copy at all) is refused."""
+    c1 = deepspeed_config(cfg_with(**{"engine.zero_stage": 1}), world_size=2, precision="bf16")
+    assert c1["data_types"] == {"grad_accum_dtype": "fp32"}
+    c2 = deepspeed_config(cfg_with(**{"engine.zero_stage": 2}), world_size=2, precision="bf16")
+    assert c2["communication_data_type"] == "fp32"
+    assert "data_types" not in deepspeed_config(cfg_with(), world_size=2, precision="fp32")
+    with pytest.raises(ConfigError, match="zero_stage 1 or 2.*no fp32 master weights"):
+        deepspeed_config(cfg_with(**{"engine.zero_stage": 0}), world_size=2, precision="bf16")
+
+
+def test_a_gpu_recipe_fails_loudly_without_cuda():
+    """The A100 recipe names engine.device: cuda; without CUDA (or with a driver too old for the build) a rank
+    must stop, not train on CPU over gloo."""
+    from conftest import REPO
+    from fastvit_pt.distributed.env import pick_device
+
+    cfg = load_config(REPO / "recipes/mae_tiny_1600ep_a100x32.yaml")
+    assert cfg.engine.device == "cuda"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            pick_device(cfg.engine.device)
+
+
+def test_compiled_deepspeed_matches_the_eager_torch_run(fmnist_small, one_rank_reference, tmp_path):
+    """engine.compile=true under DeepSpeed (its engine.compile()): the same losses as the eager torch-engine run
+    within 1e-3 relative (inductor reorders fp32 arithmetic)."""
+    out = tmp_path / "ds_compiled"
+    run(single_cmd(*tiny_mae_overrides(fmnist_small / "train", out, **{"engine.compile": True}, **DS)))
+    a, b = losses(out), losses(one_rank_reference)
+    assert len(a) == len(b) == 15 and a == pytest.approx(b, rel=1e-3)
