@@ -128,7 +128,9 @@ else
   e2e=(train.global_batch=512 train.micro_batch=512 --steps 15 --warmup 5 --windows 3)
   loader=(--batch 512 --img-size 224 --epochs 2)
 fi
-e2e+=("data.path=$data" "data.workers=$workers" "engine.device=$device" engine.precision=bf16)
+# eager: under `auto` a 400-epoch recipe would first time compile (a minute or more of this step's budget); the
+# ablation step times compile
+e2e+=("data.path=$data" "data.workers=$workers" "engine.device=$device" engine.precision=bf16 engine.compile=false)
 # CPU dry run: inductor's C++ build of the two compiled cases alone takes minutes on 2 cores; the compiled
 # variants then run eagerly (TORCHDYNAMO_DISABLE), so the step's code path is checked, not the compiler
 no_compile=()
