@@ -29,8 +29,8 @@ def single_cmd(*args) -> list:
     return [sys.executable, "-m", "fastvit_pt.cli", "train", RECIPE, *args]
 
 
-def run(cmd: list, ok: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV, timeout=timeout)
+def run(cmd: list, ok: bool = True, timeout: int = 300, env: dict = None) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=timeout)
     if ok:
         assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     return r

@@ -226,8 +226,11 @@ def measure(cfg, device: torch.device, combos: Sequence[Combo], steps: int = PRO
             warmup: int = PROBE_WARMUP) -> Dict[Combo, float]:
     """img/s of each combination's train step, timed in turns after a warm-up (bench.time_round_robin)."""
     from ..bench import time_round_robin
+    from ..methods.base import local_only
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # local_only: rank 0 measures alone while the others wait for its choice; a method's collectives (MoCo-v3's
+    # all-gather, DINO's centre) must not wait for them
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), local_only():
         fns = [_build_step(_probe_cfg(cfg, c, False), device) for c in combos]
         times = time_round_robin(fns, device, steps, warmup)
     del fns
@@ -237,8 +240,9 @@ def measure(cfg, device: torch.device, combos: Sequence[Combo], steps: int = PRO
 def measure_compile(cfg, device: torch.device, combo: Combo, steps: int = PROBE_STEPS) -> Dict[str, float]:
     """Seconds per step eager and compiled, and the compile time (the compiled step's first call, less a step)."""
     from ..bench import _sync, time_round_robin
+    from ..methods.base import local_only
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), local_only():
         eager = _build_step(_probe_cfg(cfg, combo, False), device)
         compiled = _build_step(_probe_cfg(cfg, combo, True), device)
         t0 = time.perf_counter()
@@ -247,6 +251,8 @@ def measure_compile(cfg, device: torch.device, combo: Combo, steps: int = PROBE_
         _sync(device)
         first = time.perf_counter() - t0
         t_eager, t_comp = (statistics.median(t) for t in time_round_robin([eager, compiled], device, steps, 1))
+    # the probe's compiled code was traced alone (local_only) on its own modules: the run must trace its own
+    torch._dynamo.reset()
     return {"eager_s": t_eager, "compiled_s": t_comp, "compile_s": max(0.0, first - 2 * t_comp)}
 
 

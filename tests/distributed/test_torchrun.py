@@ -136,3 +136,16 @@ def test_two_rank_compiled_ddp_matches_one_rank_eager(fmnist_small, one_rank_ref
     pa, pb = final_params(out), final_params(one_rank_reference)
     for k in pa:
         torch.testing.assert_close(pa[k].float(), pb[k].float(), rtol=0, atol=2e-3, msg=k)
+
+
+def test_the_policy_probe_on_rank_0_does_not_wait_for_the_other_ranks(fmnist_small, tmp_path):
+    """`auto` measured for real in a 2-rank MoCo-v3 run: rank 0 times the step alone (MoCo-v3's forward
+    all-gathers keys across ranks: the probe must keep that local) while rank 1 waits for the broadcast choice;
+    the run completes and reports the choice once."""
+    out = tmp_path / "moco"
+    r = run(torchrun_cmd(2, 29616, *tiny_mae_overrides(fmnist_small / "train", out, **{
+        "train.micro_batch": 25, "train.epochs": 1, "method.name": "mocov3", "method.mlp_dim": 64, "method.dim": 16,
+        "engine.precision": "fp32", "model.attn_impl": "auto"})),
+        env={"FASTVIT_PROBE": "1", "FASTVIT_CACHE_DIR": str(tmp_path / "cache")}, timeout=240)
+    assert r.stderr.count("step policy     fp32") == 1 and "(probe)" in r.stderr
+    assert len(losses(out)) == 5
