@@ -297,6 +297,15 @@ def decide_compile(policy: StepPolicy, cfg, device: torch.device, total_steps: i
         policy.compile = bool(setting)
         return policy
     rate = max(policy.rates.values(), default=None)
+    if rate is None and probing_enabled():  # every other switch was fixed: a short eager timing bounds the run
+        one = Combo(policy.precision, policy.attn_impl, policy.fused)
+        key = policy_key(cfg, device, [one])
+        cached = cache_get(key)
+        if cached and one.label in cached.get("rates", {}):
+            rate = cached["rates"][one.label]
+        else:
+            rate = measure(cfg, device, [one])[one]
+            cache_put(key, {"rates": {one.label: rate}})
     if rate is not None:  # the run's eager time bounds what compile could save (at most all of it)
         eager_total = total_steps * cfg.train.global_batch / rate
         if 0.5 * eager_total < COMPILE_PAYBACK * MIN_COMPILE_S:

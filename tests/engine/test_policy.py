@@ -149,3 +149,16 @@ def test_compile_is_weighed_against_the_cold_compile_and_picks_the_fastest_compi
     assert short.compile is False and "against 52 s" in short.notes[-1]
     long = decide(5000)
     assert long.compile is True and (long.attn_impl, long.fused) == ("math", True)
+
+
+def test_compile_auto_with_every_other_switch_fixed_times_eager_before_compiling(tmp_path, monkeypatch):
+    """A short run whose precision, attention and AdamW are all set still gets no compile probe: one short eager
+    timing shows the run cannot repay a compilation."""
+    monkeypatch.setenv("FASTVIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FASTVIT_PROBE", "1")
+    cfg = tiny_cfg(**{"engine.precision": "fp32", "model.attn_impl": "math", "optim.fused": "false",
+                      "engine.compile": "auto"})
+    pol = P.resolve_step_policy(cfg, CPU)
+    assert pol.source == "fixed" and not pol.rates
+    out = P.decide_compile(pol, cfg, CPU, total_steps=10)
+    assert out.compile is False and "too short" in out.notes[-1]
