@@ -26,7 +26,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -343,11 +343,3 @@ def decide_compile(policy: StepPolicy, cfg, device: torch.device, total_steps: i
         f"{(fig['eager_s'] - fig['compiled_s']) * steps_total:.0f} s against {cold:.0f} s of compilation "
         f"(on when >= {COMPILE_PAYBACK:g}x)")
     return policy
-
-
-def policy_from_dict(d: Dict) -> StepPolicy:
-    return StepPolicy(**d)
-
-
-def policy_to_dict(p: StepPolicy) -> Dict:
-    return asdict(p)
