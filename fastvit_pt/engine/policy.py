@@ -118,10 +118,11 @@ def fallback(combos: Sequence[Combo], device: torch.device) -> Combo:
     """Without figures: the combination benchmarks/results/cpu_model.md and cpu_ablation.json measured fastest
     for this kind of device, among the candidates (bf16 where it is native, math attention under bf16 on a CPU,
     SDPA elsewhere; fused AdamW on CUDA)."""
-    from ..distributed.env import cpu_has_native_bf16
+    from ..distributed.env import resolve_precision
+
+    native = resolve_precision("auto", device) == "bf16"  # bf16 on CUDA and on CPUs with native bf16
 
     def rank(c: Combo) -> Tuple:
-        native = device.type == "cuda" or cpu_has_native_bf16()
         prec_ok = (c.precision == "bf16") == native
         attn_ok = (c.attn_impl == "math") == (device.type == "cpu" and c.precision == "bf16")
         return (prec_ok, attn_ok, c.fused == (device.type == "cuda"))
