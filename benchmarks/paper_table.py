@@ -157,6 +157,10 @@ def main() -> None:
                     help="a line for the header (how the runs were made, e.g. two invocations of one thread each)")
     args = ap.parse_args()
     out, res = args.out, args.res
+    if not (out / "times.tsv").is_file():
+        sys.exit(f"paper_table.py: {out} holds no runs of benchmarks/paper_table.sh (no times.tsv): run the script "
+                 "first, or pass its OUT")
+    res.mkdir(parents=True, exist_ok=True)
     import timm
     import torch
 
@@ -341,8 +345,6 @@ def main() -> None:
         # whose attention has not left it carry no locality to compare.
         geo = read_config(out / "mae").get("model", {})
         grid = geo.get("img_size", 0) // max(geo.get("patch_size", 1), 1)
-        import torch
-
         ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
         c = torch.stack([ys.flatten(), xs.flatten()], 1).double() * geo.get("patch_size", 1)
         d_uni, e_uni = torch.cdist(c, c).mean().item(), math.log(grid * grid) if grid else float("nan")

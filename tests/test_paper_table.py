@@ -98,3 +98,9 @@ def test_unconverged_fine_tune_and_contradictions_are_reported(tmp_path):
     assert "**Pre-training loss did not fall**: DINO (8.2000 -> 8.2500)" in md
     # attention at log 16 = 2.77 nats is uniform: no locality to compare, whatever the distances say
     assert "MoCo-v3 9.00 / 2.70; DINO 8.00 / 2.70: **inconclusive**: every one of them attends almost uniformly" in md
+
+
+def test_missing_runs_is_a_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, "benchmarks/paper_table.py", str(tmp_path / "nope")], cwd=REPO,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "holds no runs of benchmarks/paper_table.sh" in r.stderr and not r.stdout
