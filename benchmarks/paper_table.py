@@ -1,6 +1,7 @@
 """Write benchmarks/results/paper_table_fmnist.md (to stdout) and its diagonal-CKA and attention PNGs (into --res)
 from the runs of benchmarks/paper_table.sh.
-    python benchmarks/paper_table.py runs/paper_fmnist --res benchmarks/results > benchmarks/results/paper_table_fmnist.md
+    python benchmarks/paper_table.py runs/paper_fmnist --res benchmarks/results
+        > benchmarks/results/paper_table_fmnist.md
 Every figure is read from the runs: metrics.jsonl of each pre-training and fine-tune, the probes' JSONs, the
 analyses' JSONs, and times.tsv (wall and CPU seconds of every command the script ran)."""
 from __future__ import annotations
@@ -11,12 +12,11 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import statistics
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 STUDENTS = ["mae", "mocov3", "dino", "simmim", "dmae", "d2mae"]
 LABELS = {"mae": "MAE", "mocov3": "MoCo-v3", "dino": "DINO", "simmim": "SimMIM", "dmae": "D-MAE",
@@ -38,14 +38,15 @@ def top1s(out: Path, pattern: str) -> Dict[str, float]:
     return {p.stem.rsplit("_s", 1)[1]: json.loads(p.read_text())["top1"] for p in sorted(out.glob(pattern))}
 
 
-def finetune(out: Path, prefix: str, init: str) -> Dict[str, Tuple[float, float, int]]:
-    """seed -> (best eval top-1, last eval top-1, last epoch) of the fine-tunes <prefix>_<init>_s<seed>."""
+def finetune(out: Path, prefix: str, init: str) -> Dict[str, Tuple[float, float, int, str]]:
+    """seed -> (best eval top-1, last eval top-1, last epoch, precision it ran in) of the fine-tunes
+    <prefix>_<init>_s<seed>."""
     res = {}
     for run in sorted(out.glob(f"{prefix}_{init}_s*")):
         evals = [r for r in jsonl(run / "metrics.jsonl") if "eval_top1" in r]
         if evals:
             res[run.name.rsplit("_s", 1)[1]] = (max(e["eval_top1"] for e in evals), evals[-1]["eval_top1"],
-                                                round(evals[-1]["eval_epoch"]))
+                                                round(evals[-1]["eval_epoch"]), evals[-1].get("eval_precision"))
     return res
 
 
@@ -97,14 +98,13 @@ def hms(s: float) -> str:
 
 
 def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        name = re.search(r"model name\s*:\s*(.+)", text).group(1).strip()
-        flags = set(re.search(r"flags\s*:\s*(.+)", text).group(1).split())
-        simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-        return f"{name} ({', '.join(simd)})"
-    except (OSError, AttributeError):
-        return platform.processor() or "unknown"
+    """The CPU and its kernel flags, as the step policy keys its cache (fastvit_pt.engine.policy.device_key)."""
+    import torch
+
+    from fastvit_pt.engine.policy import device_key
+
+    key = device_key(torch.device("cpu"))
+    return f"{key['device'].rsplit(' (', 1)[0]} ({', '.join(key['flags'])})"  # without its ' (N threads)'
 
 
 # ---------------------------------------------------------------------------------------------------------- figures
@@ -384,9 +384,7 @@ def main() -> None:
     seeds = sorted(ft["scratch"])
     prec = sorted({p["precision"] for p in pre.values()})
     # 'auto' follows the CPU: what it resolved to is recorded by each evaluation
-    ran = sorted({r["eval_precision"] for i in inits for s_ in ft[i] for r in jsonl(out / f"ft_{i}_s{s_}" /
-                                                                                 "metrics.jsonl")
-                  if "eval_precision" in r})
+    ran = sorted({v[3] for i in inits for v in ft[i].values() if v[3]})
     if ran:
         prec = [f"{'/'.join(prec)} (resolved to {'/'.join(ran)} on this CPU, as the fine-tunes record)"]
     lines = [
