@@ -108,6 +108,17 @@ def cpu_model() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- figures
+def save(fig, ax, title: str, png: Path) -> None:
+    """The figures' common finish: grid, legend, title, a PNG at 110 dpi."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def cka_diagonal(out: Path, png: Path) -> Dict[str, List[float]]:
     """CKA of student layer i against teacher layer i (the heatmaps' diagonal), one line per student: a PNG."""
     diag = {}
@@ -128,12 +139,43 @@ def cka_diagonal(out: Path, png: Path) -> Dict[str, List[float]]:
         ax.set_xlabel("layer i (0 = patch embedding, 12 = final norm)")
         ax.set_ylabel("linear CKA with the teacher's layer i")
         ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        ax.set_title("Student vs MAE-Small teacher, layer by layer (Fashion-MNIST test)", fontsize=9)
-        fig.savefig(png, dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        save(fig, ax, "Student vs MAE-Small teacher, layer by layer (Fashion-MNIST test)", png)
     return diag
+
+
+def length_curves(out: Path, inits: Sequence[str], png: Path) -> Dict[str, Dict[str, Dict[int, float]]]:
+    """init -> seed -> {fine-tune epochs: top-1 at its end} over the runs of different lengths of one init and seed
+    (ftlen<N>_, ft_ and ft2x_: the convergence check's), and their PNG: top-1 against the length."""
+    curves: Dict[str, Dict[str, Dict[int, float]]] = {}
+    for i in inits:
+        runs: Dict[str, Dict[int, float]] = {}
+        for prefix in ("ftlen*", "ft", "ft2x"):
+            for run in sorted(out.glob(f"{prefix}_{i}_s*")):
+                evals = [r for r in jsonl(run / "metrics.jsonl") if "eval_top1" in r]
+                if evals:
+                    runs.setdefault(run.name.rsplit("_s", 1)[1], {})[round(evals[-1]["eval_epoch"])] = \
+                        evals[-1]["eval_top1"]
+        runs = {s: dict(sorted(c.items())) for s, c in runs.items() if len(c) > 1}
+        if runs:
+            curves[i] = runs
+    if curves:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import ScalarFormatter
+
+        fig, ax = plt.subplots(figsize=(5.2, 3.4))
+        for i, runs in curves.items():
+            for s, c in runs.items():
+                ax.plot(list(c), list(c.values()), marker="o", ms=3, label=f"{LABELS[i]} (seed {s})")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({e for runs in curves.values() for c in runs.values() for e in c}))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel("fine-tune epochs (each point: its own run, cosine schedule to that length)")
+        ax.set_ylabel("top-1 at the end (%)")
+        save(fig, ax, "Fine-tune length on 10% of Fashion-MNIST's labels", png)
+    return curves
 
 
 def attention(out: Path) -> Dict[str, Dict[str, List[float]]]:
@@ -248,6 +290,19 @@ def main() -> None:
                + ("converged by the issue's test." if ok else "**not converged** by the issue's test (the move is "
                   "larger than the spread): the rows compare equal budgets, not end points.")
                if len(last[i]) > 1 else "; one seed only, so no seed spread to hold it against yet."))
+
+    curves = length_curves(out, inits, res / "paper_ft_length_fmnist.png")
+    lengths = sorted({e for runs in curves.values() for c in runs.values() for e in c})
+    length_table = ["| init (seed) | " + " | ".join(f"{e} ep" for e in lengths) + " |",
+                    "|---|" + "---:|" * len(lengths)] if curves else []
+    for i, runs in curves.items():
+        for s, c in runs.items():
+            cells, prev = [], None
+            for e in lengths:
+                cells.append("-" if e not in c else f"{c[e]:.2f}" if prev is None else
+                             f"{c[e]:.2f} ({c[e] - prev:+.2f})")
+                prev = c.get(e, prev)
+            length_table.append(f"| {LABELS[i]} ({s}) | " + " | ".join(cells) + " |")
 
     flat = [m for m in students if pre[m]["loss"][1] >= 0.98 * pre[m]["loss"][0]]
     if flat:
@@ -428,6 +483,11 @@ def main() -> None:
         "",
         "![attention distance and entropy](paper_attention_fmnist.png)",
         "",
+        *(["## Fine-tune length", "",
+           "Top-1 at the end of fine-tunes of each length (in brackets: the move from the previous length), from "
+           "the convergence check's runs: how far each doubling still moves it (`paper_ft_length_fmnist.png`).", "",
+           *length_table, "", "![top-1 against the fine-tune's length](paper_ft_length_fmnist.png)", ""]
+          if curves else []),
         "## Per seed",
         "",
         *seeds_table,

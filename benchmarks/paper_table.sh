@@ -4,13 +4,15 @@
 #      unlabelled, recipes/paper_fmnist/*.yaml; PT_EPOCHS scales the budget), after an MAE-Small teacher
 #      (TEACHER_EPOCHS over the same 20,000) that the table checks beats the MAE-Tiny student;
 #   2. each student and a random init (scratch): fine-tuned on 10% of the labels, linear probe, k-NN, SEEDS;
-#   3. the convergence check: the fine-tunes of CHECK_INITS again at twice FT_EPOCHS (seeds CHECK_SEEDS);
+#   3. the convergence check: the fine-tunes of CHECK_INITS again at twice FT_EPOCHS (seeds CHECK_SEEDS), and at
+#      each of CURVE_EPOCHS (shorter lengths: top-1 against the fine-tune's length, paper_ft_length_fmnist.png);
 #   4. CKA of the MAE, D-MAE and D²-MAE students against the teacher, attention distance and entropy of the
 #      students (PNGs in benchmarks/results/).
 # Every step skips what is done (a finished run is not started again, a written JSON is kept), so the script can run
 # over several sittings: STOP_AFTER=1 ends each pre-training after one epoch of this invocation.
-#   bash benchmarks/paper_table.sh      (2.5 CPU-hours on an avx512_bf16 Xeon in bf16, 21 min of it the teacher;
-#                                        about 1:20 elapsed as two invocations of one thread each, see below)
+#   bash benchmarks/paper_table.sh      (about 4.3 CPU-hours on an avx512_bf16 Xeon in bf16: pre-training 0.6 with
+#                                        the teacher's 21 min, 21 fine-tunes of 6 min, 4 checks of 12, the probes;
+#                                        over two sittings as two invocations of one thread each, see below)
 #   SEEDS=0 METHODS="mae dino" bash benchmarks/paper_table.sh   (a subset; the table shows what is there)
 # Two invocations can share the work on disjoint METHODS (OMP_NUM_THREADS=1 each): give all but one SCRATCH=0
 # (the random-init rows) and all but the last ANALYSIS=0 (the CKA, attention and table steps).
@@ -25,9 +27,10 @@ SEEDS=${SEEDS:-"0 1 2"}
 METHODS=${METHODS:-"mae mocov3 dino simmim dmae d2mae"}
 PT_EPOCHS=${PT_EPOCHS:-1}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-16}
-FT_EPOCHS=${FT_EPOCHS:-8}
+FT_EPOCHS=${FT_EPOCHS:-16}
 CHECK_INITS=${CHECK_INITS:-"mae mocov3 dmae scratch"}
 CHECK_SEEDS=${CHECK_SEEDS:-0}
+CURVE_EPOCHS=${CURVE_EPOCHS:-8}
 OUT=${OUT:-runs/paper_fmnist}
 SCRATCH_ROWS=${SCRATCH:-1}
 ANALYSIS=${ANALYSIS:-1}
@@ -37,7 +40,7 @@ R=recipes/paper_fmnist
 TRAIN=data/fmnist_10pct/train TEST=data/fmnist/test
 mkdir -p "$OUT"
 echo "# $(date -u +%FT%TZ): METHODS='$METHODS' SEEDS='$SEEDS' PT_EPOCHS=$PT_EPOCHS TEACHER_EPOCHS=$TEACHER_EPOCHS" \
-  "FT_EPOCHS=$FT_EPOCHS CHECK_INITS='$CHECK_INITS' CHECK_SEEDS='$CHECK_SEEDS'" \
+  "FT_EPOCHS=$FT_EPOCHS CHECK_INITS='$CHECK_INITS' CHECK_SEEDS='$CHECK_SEEDS' CURVE_EPOCHS='$CURVE_EPOCHS'" \
   "OMP_NUM_THREADS=${OMP_NUM_THREADS:-} cores=$(taskset -cp $$ 2>/dev/null | sed 's/.*: //')" >> "$OUT/commands.txt"
 # run a command: into commands.txt, and its wall / user / system seconds into times.tsv (the table's totals)
 run() {
@@ -71,9 +74,10 @@ done
 # an unfinished pre-training (STOP_AFTER) ends this sitting here
 for m in $METHODS; do done_at $OUT/$m "$PT_EPOCHS"; done
 
-# evaluation: the probes read images as each encoder was pre-trained (its run's geometry and statistics); the
+# evaluation: the probes read images as each encoder was pre-trained (its run's geometry and statistics), whole
+# (data.crop_pct=1.0, as the fine-tunes score them: a 0.875 centre crop cuts the borders of 28-px clothes); the
 # random encoders have no run: the MAE student's recipe stands in for it
-PROBE=(--train $TRAIN --test $TEST data.workers=0)
+PROBE=(--train $TRAIN --test $TEST data.workers=0 data.crop_pct=1.0)
 RANDOM_INIT=(--recipe $R/mae_tiny.yaml)
 LINPROBE=(linprobe.optimizer=sgd linprobe.blr=0.1 linprobe.epochs=90)
 first=${SEEDS%% *}
@@ -108,6 +112,12 @@ for seed in $CHECK_SEEDS; do
     once "$(fin $OUT/ft2x_${init}_s$seed $((2 * FT_EPOCHS)))" \
       $F finetune $R/finetune.yaml init="$src" train.epochs=$((2 * FT_EPOCHS)) eval.every_epochs="$FT_EPOCHS" \
       train.seed="$seed" --out $OUT/ft2x_${init}_s$seed --resume
+    for n in $CURVE_EPOCHS; do  # the lengths FT_EPOCHS and twice it are the runs above
+      [ "$n" = "$FT_EPOCHS" ] || [ "$n" = $((2 * FT_EPOCHS)) ] && continue
+      once "$(fin $OUT/ftlen${n}_${init}_s$seed "$n")" \
+        $F finetune $R/finetune.yaml init="$src" train.epochs="$n" eval.every_epochs="$n" \
+        train.seed="$seed" --out $OUT/ftlen${n}_${init}_s$seed --resume
+    done
   done
 done
 

@@ -15,8 +15,8 @@ FFCV_DECODERS = ("crop", "stock")
 INTERPOLATIONS = ("bilinear", "bicubic", "random")
 
 EVAL_CROP_RATIO = 0.875
-"""Evaluation crop: the centred square of 0.875 x the short side, i.e. Resize(img / 0.875) + CenterCrop(img)
-(256 -> 224 at ImageNet scale), on every backend."""
+"""The default evaluation crop (data.crop_pct): the centred square of 0.875 x the short side, i.e.
+Resize(img / 0.875) + CenterCrop(img) (256 -> 224 at ImageNet scale), on every backend."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,6 +39,10 @@ class PipelineConfig:
     """Resize filter: bilinear, bicubic, or random (each sample picks one, as mae-lite does)."""
     hflip: float = 0.5
     """Probability of a horizontal flip."""
+    crop_pct: float = EVAL_CROP_RATIO
+    """Evaluation crop, as timm's crop_pct: resize the short side to img_size / crop_pct, then centre-crop img_size
+    (0.875: 256 -> 224 at ImageNet scale). 1.0 scores the whole image: small images (Fashion-MNIST's 28 px) whose
+    objects fill the frame lose their borders to 0.875."""
     randaugment: str = ""
     """Fine-tuning: a timm RandAugment spec (rand-m10-mstd0.5-inc1) applied after crop and flip; empty = off.
     torchvision runs timm's own; dali runs fn rand_augment (n and m from the spec; mstd and inc have no DALI
@@ -76,6 +80,9 @@ class PipelineConfig:
         lo, hi = self.crop_ratio
         if not 0.0 < lo <= hi:
             raise ValueError(f"data.crop_ratio: need 0 < low <= high, got {self.crop_ratio}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"data.crop_pct: the evaluation crop's share of the short side, in (0, 1], got "
+                             f"{self.crop_pct}")
         if not 0.0 <= self.hflip <= 1.0:
             raise ValueError(f"data.hflip: a probability in [0, 1] is expected, got {self.hflip}")
         if not 0.0 <= self.dali_hw_decoder_load <= 1.0:

@@ -86,7 +86,7 @@ def _graph(paths, cfg: PipelineConfig, views: Sequence[ViewConfig], train: bool,
         # the other, so view 0's operators are created first and keep the seeds a single-view graph gives them
         return tuple(_train_view(jpegs, cfg, v, decoder) for v in views)
     imgs = fn.decoders.image(jpegs, **decoder)
-    return tuple(_eval_view(imgs, v.size) for v in views)
+    return tuple(_eval_view(imgs, v.size, cfg.crop_pct) for v in views)
 
 
 def _train_view(jpegs, cfg: PipelineConfig, view: ViewConfig, decoder: dict):
@@ -113,8 +113,8 @@ def _train_view(jpegs, cfg: PipelineConfig, view: ViewConfig, decoder: dict):
     return fn.crop_mirror_normalize(imgs, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
 
 
-def _eval_view(imgs, img_size: int):
-    imgs = fn.resize(imgs, resize_shorter=int(round(img_size / EVAL_CROP_RATIO)), interp_type=types.INTERP_CUBIC, antialias=True)
+def _eval_view(imgs, img_size: int, crop_pct: float = EVAL_CROP_RATIO):
+    imgs = fn.resize(imgs, resize_shorter=int(round(img_size / crop_pct)), interp_type=types.INTERP_CUBIC, antialias=True)
     return fn.crop_mirror_normalize(imgs, dtype=types.UINT8, output_layout="CHW", crop=(img_size, img_size))
 
 

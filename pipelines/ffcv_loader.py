@@ -39,7 +39,7 @@ import torch
 from .base import (Batch, DecodeError, DeviceNormalize, HostView, Loader, LoaderArgs, advise_hugepages, pinned,
                    sample_seeds, shard_indices, torch_threads_kept, view_key_offset, view_output)
 from .beton import manifest_path
-from .config import EVAL_CROP_RATIO, PipelineConfig
+from .config import PipelineConfig
 
 with torch_threads_kept():  # importing ffcv sets torch's thread count to 1
     from ffcv.fields.basics import IntDecoder
@@ -160,7 +160,7 @@ class FfcvLoader(Loader):
                                   "decoder)") from err
             self.outs = [view_output(a.device, a.dtype, v, a.train) for v in views]
             self.crop_ops = [
-                CropDecode((v.size, v.size), cropdecode.CropAug(v.crop_scale, v.crop_ratio, v.hflip, cfg.interpolation),
+                CropDecode((v.size, v.size), cropdecode.CropAug(v.crop_scale, v.crop_ratio, v.hflip, cfg.interpolation, cfg.crop_pct),
                            a.train, a.seed, out, cfg.mean, cfg.std, key_add=view_key_offset(i))
                 for i, (v, out) in enumerate(zip(views, self.outs))]
             # a PipelineSpec: FFCV takes a list's first operation as the decoder only if it subclasses the field's
@@ -173,7 +173,7 @@ class FfcvLoader(Loader):
             specs = [[RandomResizedCropRGBImageDecoder((v.size, v.size), scale=v.crop_scale, ratio=v.crop_ratio),
                       RandomHorizontalFlip(v.hflip), ToTensor()] for v in views]
         else:
-            specs = [[CenterCropRGBImageDecoder((v.size, v.size), ratio=EVAL_CROP_RATIO), ToTensor()] for v in views]
+            specs = [[CenterCropRGBImageDecoder((v.size, v.size), ratio=cfg.crop_pct), ToTensor()] for v in views]
         # [N, H, W, 3] uint8 from the stock decoders: DeviceNormalize transposes on the device. Views 1.. read the
         # same "image" field under their own output names (a plain list would name a field that does not exist)
         pipelines = {"image": specs[0], "label": [IntDecoder(), ToTensor(), Squeeze(1)]}

@@ -65,11 +65,11 @@ def train_transform(cfg: PipelineConfig, img_size: int, view: Optional[ViewConfi
     return v2.Compose(ops + [v2.PILToTensor()])
 
 
-def eval_transform(img_size: int) -> v2.Transform:
-    """Resize the short side to img_size / EVAL_CROP_RATIO (256 for 224), then center-crop img_size."""
+def eval_transform(img_size: int, crop_pct: float = EVAL_CROP_RATIO) -> v2.Transform:
+    """Resize the short side to img_size / crop_pct (256 for 224 at 0.875), then center-crop img_size."""
     return v2.Compose(
         [
-            v2.Resize(int(round(img_size / EVAL_CROP_RATIO)), interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.Resize(int(round(img_size / crop_pct)), interpolation=InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop(img_size),
             v2.PILToTensor(),
         ]
@@ -122,7 +122,7 @@ class FolderDataset(torch.utils.data.Dataset):
 class TorchvisionLoader(Loader):
     def __init__(self, cfg: PipelineConfig, a: LoaderArgs):
         views = a.view_list(cfg)
-        transforms = [train_transform(cfg, v.size, v) if a.train else eval_transform(v.size) for v in views]
+        transforms = [train_transform(cfg, v.size, v) if a.train else eval_transform(v.size, cfg.crop_pct) for v in views]
         self.dataset = FolderDataset(cfg.path, transforms, a.seed)
         self.classes, self.num_samples = self.dataset.classes, len(self.dataset)
         self.sampler = EpochShardSampler(len(self.dataset), a.rank, a.world_size, a.seed, shuffle=a.shuffle)

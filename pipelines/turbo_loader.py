@@ -39,7 +39,7 @@ class TurboLoader(Loader):
         self.paths = [p for p, _ in self.samples]
         self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
         views = a.view_list(cfg)
-        self.views = [_View(v.size, cropdecode.CropAug(v.crop_scale, v.crop_ratio, v.hflip, cfg.interpolation),
+        self.views = [_View(v.size, cropdecode.CropAug(v.crop_scale, v.crop_ratio, v.hflip, cfg.interpolation, cfg.crop_pct),
                             view_output(a.device, a.dtype, v, a.train), view_key_offset(i), cfg)
                       for i, v in enumerate(views)]
         self.a, self.workers, self.ahead = a, cfg.workers, max(1, cfg.prefetch_factor)

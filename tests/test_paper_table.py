@@ -37,6 +37,7 @@ def make_tree(out: Path, ft2_mae: float, fine_over=None, dino_losses=(1.0, 0.5),
         (out / f"linprobe_teacher_s{s}.json").write_text(json.dumps({"top1": probe["teacher"]}))
     (out / "knn_teacher_s0.json").write_text(json.dumps({"top1": probe["teacher"] - 1}))
     write_run(out / "ft2x_mae_s0", "vit_tiny_patch16", [2.0], 90.0, [(6, ft2_mae)])
+    write_run(out / "ftlen1_mae_s0", "vit_tiny_patch16", [2.0], 90.0, [(1, 75.0)])  # a shorter length: the curve
     # CKA: MAE-Tiny close to the teacher low, far high; the distilled students closer high
     def cka(high):
         return [[1.0 if i == j and i < 5 else (high if i == j else 0.1) for j in range(13)] for i in range(13)]
@@ -73,6 +74,9 @@ def test_table_figures_and_verdicts_follow_the_runs(tmp_path):
     assert "A clear margin" in md
     # the doubling moved MAE by +0.30 < its 0.50 seed spread
     assert "moves top-1 by +0.30 (seed 0: 79.50 -> 79.80)" in md and "converged by the issue's test" in md
+    # the fine-tune's length: seed 0 of MAE at 1, 3 (the table's) and 6 epochs (the check's), each its own run
+    assert "| init (seed) | 1 ep | 3 ep | 6 ep |" in md and "| MAE (0) | 75.00 | 79.50 (+4.50) | 79.80 (+0.30) |" in md
+    assert (res / "paper_ft_length_fmnist.png").stat().st_size > 1000 and "| scratch (0)" not in md
     # observations: MAE-style best fine-tune, contrastive better probe, distillation (D-MAE +1, D²-MAE -0.5)
     assert ("The best is D-MAE: plain masked-image modelling (MAE) beats the best contrastive method (MoCo-v3): "
             "**supports** the first half") in md and "below the random init" not in md

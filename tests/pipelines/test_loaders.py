@@ -79,6 +79,32 @@ def test_eval_is_deterministic_center_crop(photo_tree, backend):
     assert torch.equal(a.labels, b.labels) and torch.equal(a.images, b.images)
 
 
+def _eval_by_key(root, backend, crop_pct):
+    cfg = PipelineConfig(backend=backend, path=str(_source(root, backend)), workers=0 if backend == "torchvision" else 2,
+                         crop_pct=crop_pct)
+    b = next(iter(build_loader(cfg, img_size=64, batch_size=8, seed=1, device="cpu", dtype=torch.float32, train=False)))
+    return {k: img for k, img in zip(b.keys.tolist(), b.images)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_crop_follows_crop_pct(photo_tree, backend):
+    """data.crop_pct=1.0 scores the whole image (the short side), 0.875 its centre: each backend's crop is closer to
+    torchvision's at the same crop_pct than at the other (their filters differ, their boxes must not)."""
+    got = _eval_by_key(photo_tree, backend, 1.0)
+    whole, centre = _eval_by_key(photo_tree, "torchvision", 1.0), _eval_by_key(photo_tree, "torchvision", 0.875)
+    keys = sorted(set(got) & set(whole))
+    assert len(keys) == 8
+    err_same = sum((got[k] - whole[k]).abs().mean().item() for k in keys)
+    err_other = sum((got[k] - centre[k]).abs().mean().item() for k in keys)
+    assert err_same < 0.5 * err_other, (err_same, err_other)
+
+
+def test_crop_pct_is_checked():
+    for bad in (0.0, 1.2):
+        with pytest.raises(ValueError, match=r"data.crop_pct: .* in \(0, 1\], got"):
+            PipelineConfig(crop_pct=bad).validate()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stream_is_a_function_of_seed_and_epoch(photo_tree, backend):
     a, b = _loader(photo_tree, backend), _loader(photo_tree, backend)
