@@ -143,18 +143,17 @@ def cka_diagonal(out: Path, png: Path) -> Dict[str, List[float]]:
     return diag
 
 
-def length_curves(out: Path, inits: Sequence[str], png: Path) -> Dict[str, Dict[str, Dict[int, float]]]:
+def length_curves(out: Path, ft: Dict[str, dict], ft2: Dict[str, dict],
+                  png: Path) -> Dict[str, Dict[str, Dict[int, float]]]:
     """init -> seed -> {fine-tune epochs: top-1 at its end} over the runs of different lengths of one init and seed
-    (ftlen<N>_, ft_ and ft2x_: the convergence check's), and their PNG: top-1 against the length."""
+    (ft_ and ft2x_, read by finetune() already, and ftlen<N>_), and their PNG: top-1 against the length."""
     curves: Dict[str, Dict[str, Dict[int, float]]] = {}
-    for i in inits:
+    for i in ft:
+        shorter = sorted({r.name.split("_", 1)[0] for r in out.glob(f"ftlen*_{i}_s*")})
         runs: Dict[str, Dict[int, float]] = {}
-        for prefix in ("ftlen*", "ft", "ft2x"):
-            for run in sorted(out.glob(f"{prefix}_{i}_s*")):
-                evals = [r for r in jsonl(run / "metrics.jsonl") if "eval_top1" in r]
-                if evals:
-                    runs.setdefault(run.name.rsplit("_s", 1)[1], {})[round(evals[-1]["eval_epoch"])] = \
-                        evals[-1]["eval_top1"]
+        for by_seed in [ft[i], ft2[i]] + [finetune(out, p, i) for p in shorter]:
+            for seed, (_, last_top1, epoch, _) in by_seed.items():
+                runs.setdefault(seed, {})[epoch] = last_top1
         runs = {s: dict(sorted(c.items())) for s, c in runs.items() if len(c) > 1}
         if runs:
             curves[i] = runs
@@ -291,7 +290,7 @@ def main() -> None:
                   "larger than the spread): the rows compare equal budgets, not end points.")
                if len(last[i]) > 1 else "; one seed only, so no seed spread to hold it against yet."))
 
-    curves = length_curves(out, inits, res / "paper_ft_length_fmnist.png")
+    curves = length_curves(out, ft, ft2, res / "paper_ft_length_fmnist.png")
     lengths = sorted({e for runs in curves.values() for c in runs.values() for e in c})
     length_table = ["| init (seed) | " + " | ".join(f"{e} ep" for e in lengths) + " |",
                     "|---|" + "---:|" * len(lengths)] if curves else []
