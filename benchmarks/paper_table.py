@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -50,10 +49,10 @@ def finetune(out: Path, prefix: str, init: str) -> Dict[str, Tuple[float, float,
     return res
 
 
-def times(out: Path) -> List[Tuple[float, float, str]]:
+def times(out: Path, name: str = "times.tsv") -> List[Tuple[float, float, str]]:
     """(wall s, cpu s, command) of every command run.  times.tsv: 'real user sys<TAB>command'."""
     rows = []
-    path = out / "times.tsv"
+    path = out / name
     for ln in path.read_text().splitlines() if path.is_file() else []:
         t, _, cmd = ln.partition("\t")
         real, user, sys_ = (float(x) for x in t.split())
@@ -65,6 +64,45 @@ def run_time(rows, run_dir: Path) -> Tuple[float, float]:
     """Wall and CPU seconds of the commands that wrote run_dir (a run resumed over sittings: their sum)."""
     hits = [(r, c) for r, c, cmd in rows if f"--out {run_dir} " in cmd + " "]
     return sum(h[0] for h in hits), sum(h[1] for h in hits)
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 over an exported model's tensors (names, dtypes, shapes, bytes; in name order): the same digest means
+    the same weights, whatever pickling wrote around them."""
+    import hashlib
+
+    import torch
+
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def mark_finished(run: Path, epochs: int, teacher: Path | None = None) -> dict:
+    """run/finished.json: what a later sitting, without this one's weights, needs to know of a finished run: when and
+    on what CPU it ran, the digest of its exported weights (a pre-training made again must match it for the
+    evaluations recorded from it to stand) and, for a distilled student, the teacher's digest."""
+    from fastvit_pt.engine.checkpoint import model_path
+
+    mark = {"epochs": epochs, "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "cpu": cpu_model()}
+    exported = model_path(run, epochs)
+    if not exported.is_file():
+        sys.exit(f"paper_table.py --mark: {run} has no {exported.name}: not a finished run of {epochs} epochs")
+    mark["weights"] = weights_digest(exported)
+    if teacher is not None:
+        mark["teacher"] = finished(teacher).get("weights")
+    (run / "finished.json").write_text(json.dumps(mark, indent=1) + "\n")
+    return mark
+
+
+def finished(run: Path) -> dict:
+    path = run / "finished.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def read_config(run: Path) -> dict:
@@ -177,16 +215,26 @@ def length_curves(out: Path, ft: Dict[str, dict], ft2: Dict[str, dict],
     return curves
 
 
-def attention(out: Path) -> Dict[str, Dict[str, List[float]]]:
-    """label -> {'distance_px': per-layer mean over heads, 'entropy': ...} from analyze attention's JSON."""
-    path = out / "attention.json"
-    if not path.is_file():
-        return {}
-    res = {}
-    for m in json.loads(path.read_text())["models"]:
-        run = Path(m["checkpoint"]).name
-        res[run] = {k: [mean(h) if isinstance(h, list) else h for h in m[k]] for k in ("distance_px", "entropy")}
-    return res
+def attention_models(out: Path) -> List[dict]:
+    """The encoders' entries of analyze attention's JSONs (attention_<run>.json, one per encoder, made in its
+    column while its weights were on disk; attention.json, several at once), in the table's order."""
+    models = {}
+    for path in sorted(out.glob("attention*.json")):
+        for m in json.loads(path.read_text())["models"]:
+            models[Path(m["checkpoint"]).name] = m
+    order = STUDENTS + ["teacher"]
+    return [models[k] for k in sorted(models, key=lambda k: order.index(k) if k in order else len(order))]
+
+
+def attention(out: Path, png: Path) -> Dict[str, Dict[str, List[float]]]:
+    """run -> {'distance_px': per-layer mean over heads, 'entropy': ...}, and the figure of every encoder (PNG)."""
+    models = attention_models(out)
+    if models:
+        from fastvit_pt.analysis.plots import attention_figure
+
+        attention_figure(models, png, "Fashion-MNIST test, 1,000 images: mean attention distance and entropy")
+    return {Path(m["checkpoint"]).name: {k: [mean(h) if isinstance(h, list) else h for h in m[k]]
+                                         for k in ("distance_px", "entropy")} for m in models}
 
 
 # -------------------------------------------------------------------------------------------------------- the table
@@ -196,7 +244,16 @@ def main() -> None:
     ap.add_argument("--res", type=Path, default=Path("benchmarks/results"), help="where the PNGs go")
     ap.add_argument("--note", action="append", default=[],
                     help="a line for the header (how the runs were made, e.g. two invocations of one thread each)")
+    ap.add_argument("--mark", type=Path, metavar="RUN", help="write RUN/finished.json (the script does, after each "
+                    "run: its time, CPU and weights' digest) and print it, instead of the table")
+    ap.add_argument("--epochs", type=int, help="with --mark: the run's length (its export model-NNNN.pt)")
+    ap.add_argument("--teacher", type=Path, metavar="RUN", help="with --mark: the teacher the run distilled")
     args = ap.parse_args()
+    if args.mark:
+        if args.epochs is None:
+            ap.error("--mark needs --epochs")
+        print(json.dumps(mark_finished(args.mark, args.epochs, args.teacher)))
+        return
     out, res = args.out, args.res
     if not (out / "times.tsv").is_file():
         sys.exit(f"paper_table.py: {out} holds no runs of benchmarks/paper_table.sh (no times.tsv): run the script "
@@ -388,7 +445,7 @@ def main() -> None:
             + ("**supports** the second half." if closes and len(closes) == len([d for d in ('dmae', 'd2mae')
                                                                                  if d in diag])
                else "**partly supports** the second half." if closes else "**contradicts** the second half."))
-    att = attention(out)
+    att = attention(out, res / "paper_attention_fmnist.png")
     if "mae" in att and any(c in att for c in CONTRASTIVE):
         n = len(att["mae"]["distance_px"])
         hi = slice(n - n // 3, n)
@@ -419,16 +476,21 @@ def main() -> None:
             f" Blocks {hi.start + 1}-{hi.stop}, mean attention distance (px) / entropy (nats): MAE {d_mae:.2f} / "
             f"{e_mae:.2f}; " + "; ".join(f"{LABELS[c]} {d:.2f} / {e:.2f}" for c, d, e in cmp) + ": " + verdict
             + distilled)
-        if (out / "attention.png").is_file():
-            shutil.copyfile(out / "attention.png", res / "paper_attention_fmnist.png")
-            shutil.copyfile(out / "attention.json", res / "paper_attention_fmnist.json")
-    for m in diag:
-        src = out / f"cka_{m}_vs_teacher.json"
-        shutil.copyfile(src, res / f"paper_cka_{m}_vs_teacher.json")
 
     # --- totals
     wall_all = sum(r for r, _, _ in rows_t)
     cpu_all = sum(c for _, c, _ in rows_t)
+    remade = times(out, "times_remade.tsv")
+    # every finished run's finished.json: the CPUs the table's runs ran on (sittings on different machines)
+    marks = {r.name: finished(r) for r in sorted(out.iterdir()) if (r / "finished.json").is_file()}
+    cpus: Dict[str, int] = {}
+    for mk in marks.values():
+        cpus[mk["cpu"]] = cpus.get(mk["cpu"], 0) + 1
+    for d in DISTILLED:
+        taught, teacher = marks.get(d, {}).get("teacher"), marks.get("teacher", {}).get("weights")
+        if taught and teacher and taught != teacher:
+            notes.append(f"- **{LABELS[d]} distilled another teacher** than the one in the table (weights sha256 "
+                         f"{taught[:12]} against {teacher[:12]}): the teacher was pre-trained again on another CPU.")
     # the commands that ran, in order (a later sitting's '# skipped' lines repeat them)
     cmds = "\n".join(ln for ln in (out / "commands.txt").read_text().strip().splitlines()
                      if "   # skipped: " not in ln) if (out / "commands.txt").is_file() else "(not recorded)"
@@ -440,14 +502,18 @@ def main() -> None:
     # 'auto' follows the CPU: what it resolved to is recorded by each evaluation
     ran = sorted({v[3] for i in inits for v in ft[i].values() if v[3]})
     if ran:
-        prec = [f"{'/'.join(prec)} (resolved to {'/'.join(ran)} on this CPU, as the fine-tunes record)"]
+        prec = [f"{'/'.join(prec)} (resolved to {'/'.join(ran)} by the CPU, as the fine-tunes record)"]
     lines = [
         "# The paper's comparison at small scale: every pre-training method on Fashion-MNIST",
         "",
         f"Written by `benchmarks/paper_table.py` from the runs of `bash benchmarks/paper_table.sh`, "
         f"{datetime.date.today().isoformat()}.",
         "",
-        f"- Machine: {cpu_model()}, {os.cpu_count()} cores, no GPU; precision {', '.join(prec)}.",
+        (f"- Machine: {cpu_model()}, {os.cpu_count()} cores, no GPU; precision {', '.join(prec)}."
+         if set(cpus) <= {cpu_model()} else
+         "- Machines (the runs' finished.json; sittings on different CPUs): " + "; ".join(
+             f"{c}: {k} run{'s' * (k != 1)}" for c, k in sorted(cpus.items(), key=lambda kv: -kv[1]))
+         + f"; 2 cores each, no GPU; precision {', '.join(prec)}."),
         f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}.",
         f"- Students: ViT-Tiny (192-d, 12 blocks, 3 heads as timm's, {model.get('img_size')}-px images in "
         f"{model.get('patch_size')}-px patches: {(model.get('img_size', 0) // max(model.get('patch_size', 1), 1)) ** 2}"
@@ -467,7 +533,9 @@ def main() -> None:
         "'Per seed'). k-NN of a pre-trained encoder has no randomness: one value; the random encoders are drawn "
         "per seed. Pre-training variance is not in the spread (one run per method).",
         f"- Total: {hms(wall_all)} wall, {cpu_all / 3600:.2f} CPU-hours for every command of the script "
-        f"({len(rows_t)} commands, `times.tsv`).",
+        f"({len(rows_t)} commands, `times.tsv`)"
+        + (f"; besides, {len(remade)} pre-trainings made again where a later sitting needed the weights of one "
+           f"recorded earlier ({hms(sum(r for r, _, _ in remade))}, `times_remade.tsv`)." if remade else "."),
         *(f"- {n}" for n in args.note),
         "",
         *table,
@@ -493,11 +561,12 @@ def main() -> None:
         "",
         "## Pre-training",
         "",
-        "| run | model | images seen | loss first -> last log | img/s (median of log intervals) | wall | CPU time |",
-        "|---|---|---:|---|---:|---:|---:|",
+        "| run | model | images seen | loss first -> last log | img/s (median of log intervals) | wall | CPU time "
+        "| CPU |",
+        "|---|---|---:|---|---:|---:|---:|---|",
         *(f"| {LABELS[m]} | {p['model']} | {p['images']:,} | {p['loss'][0]:.4f} -> {p['loss'][1]:.4f} | "
           f"{p['rate']:.0f} | {hms(p['wall'])}{'*' if p['logged'] else ''} | "
-          f"{'-' if p['logged'] else hms(p['cpu'])} |" for m, p in pre.items()),
+          f"{'-' if p['logged'] else hms(p['cpu'])} | {marks.get(m, {}).get('cpu', '-')} |" for m, p in pre.items()),
         *(["", "\\* run outside the script's timing (times.tsv): the training loop's time from its own log, "
            "start-up not included."] if any(p["logged"] for p in pre.values()) else []),
         "",

@@ -1,6 +1,8 @@
 """benchmarks/paper_table.py, the generator of benchmarks/results/paper_table_fmnist.md, on a runs tree written here
 with known numbers: every figure it prints must be the one the runs hold, and every verdict must follow them."""
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,9 +45,11 @@ def make_tree(out: Path, ft2_mae: float, fine_over=None, dino_losses=(1.0, 0.5),
         return [[1.0 if i == j and i < 5 else (high if i == j else 0.1) for j in range(13)] for i in range(13)]
     for m, high in (("mae", 0.3), ("dmae", 0.6), ("d2mae", 0.5)):
         (out / f"cka_{m}_vs_teacher.json").write_text(json.dumps({"cka": cka(high)}))
-    att = [{"checkpoint": str(out / m), "distance_px": [[d] * 3 for d in [5.0] * 8 + [dist] * 4],
+    # attention: one JSON per encoder (made in its column), one with several (made at once): both are read
+    att = [{"checkpoint": str(out / m), "label": m, "distance_px": [[d] * 3 for d in [5.0] * 8 + [dist] * 4],
             "entropy": [[entropy] * 3] * 12} for m, dist in (("mae", 4.0), ("mocov3", 9.0), ("dino", 8.0))]
-    (out / "attention.json").write_text(json.dumps({"models": att}))
+    (out / "attention.json").write_text(json.dumps({"models": att[1:]}))
+    (out / "attention_mae.json").write_text(json.dumps({"models": att[:1]}))
     (out / "commands.txt").write_text("fastvit train x.yaml\n")
     times.append("30.0 50.0 10.0\tfastvit knn")
     (out / "times.tsv").write_text("\n".join(times) + "\n")
@@ -88,7 +92,7 @@ def test_table_figures_and_verdicts_follow_the_runs(tmp_path):
     # totals: 7 pre-trainings of 60 s + one 30-s command; CPU 7 x 120 + 60 s
     assert "- Total: 7:30 wall, 0.25 CPU-hours" in md and "\n- two streams of one thread\n" in md
     assert (res / "paper_cka_fmnist.png").stat().st_size > 1000
-    assert (res / "paper_attention_fmnist.json").is_file() is False  # no attention.png in the tree: nothing copied
+    assert (res / "paper_attention_fmnist.png").stat().st_size > 1000
 
 
 def test_unconverged_fine_tune_and_contradictions_are_reported(tmp_path):
@@ -108,3 +112,80 @@ def test_missing_runs_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/paper_table.py", str(tmp_path / "nope")], cwd=REPO,
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "holds no runs of benchmarks/paper_table.sh" in r.stderr and not r.stdout
+
+
+# ------------------------------------------------------------------------------- benchmarks/paper_table.sh, sittings
+def sitting(data: Path, out: Path, rec: Path, **env_extra):
+    """One invocation of the script on a new checkout's terms: OUT is whatever this sitting has on disk, REC the
+    committed record. MAE-Tiny pre-trained 4 steps on 200 images, fine-tuned 1 epoch: real runs, seconds long."""
+    exe = Path(sys.executable).parent
+    env = {**os.environ, "OUT": str(out), "REC": str(rec), "RES": str(rec.parent), "TRAIN": str(data / "train"),
+           "TEST": str(data / "test"), "PT_DATA": str(data / "train"),
+           "PT_ARGS": "engine.precision=fp32 train.global_batch=50 train.micro_batch=50 train.tensorboard=false",
+           "FT_ARGS": "engine.precision=fp32 train.tensorboard=false", "METHODS": "mae", "SCRATCH": "0",
+           "SEEDS": "0", "FT_EPOCHS": "1", "CHECK_INITS": "none", "CURVE_EPOCHS": "", "TABLE": "0",
+           "OMP_NUM_THREADS": "1", "FASTVIT": str(exe / "fastvit"), "PYTHON": sys.executable, **env_extra}
+    return subprocess.run(["bash", "benchmarks/paper_table.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_sittings_record_restore_and_check_remade_weights(fmnist_small, tmp_path):
+    out, rec, data = tmp_path / "runs", tmp_path / "results" / "paper_fmnist", tmp_path / "data"
+    for split in ("train", "test"):  # 20 images of each class
+        for cls in sorted((fmnist_small / split).iterdir()):
+            (data / split / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:20]:
+                (data / split / cls.name / f.name).symlink_to(f)
+    # sitting 1: the MAE column, seed 0; its small files go into the record, its weights do not
+    r = sitting(data, out, rec)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mark = json.loads((rec / "mae" / "finished.json").read_text())
+    assert len(mark["weights"]) == 64 and mark["epochs"] == 1
+    for f in ("mae/metrics.jsonl", "ft_mae_s0/finished.json", "ft_mae_s0/metrics.jsonl", "linprobe_mae_s0.json",
+              "knn_mae_s0.json", "attention_mae.json", "times.tsv", "commands.txt"):
+        assert (rec / f).is_file(), f
+    assert not list(rec.rglob("*.pt")) and (out / "mae" / "model-0001.pt").is_file()
+
+    # sitting 2, a new checkout (no runs/): seed 1 needs MAE's weights, pre-trained again: the same digest, so the
+    # recorded run stands and seed 0 is not run again
+    shutil.rmtree(out)
+    r = sitting(data, out, rec, SEEDS="0 1", TABLE="1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((rec / "mae" / "finished.json").read_text()) == mark
+    assert len((rec / "times_remade.tsv").read_text().splitlines()) == 1
+    finetunes = [ln for ln in (rec / "times.tsv").read_text().splitlines() if " finetune " in ln]
+    assert len(finetunes) == 2 and (rec / "linprobe_mae_s1.json").is_file()
+    assert "pre-trained again" in (rec / "commands.txt").read_text()
+    md = (rec.parent / "paper_table_fmnist.md").read_text()
+    assert "| MAE | " in md and "1 pre-trainings made again" in md
+
+    # sitting 3: the recorded weights are not the ones this machine makes (another CPU kind): it stops and says so
+    shutil.rmtree(out)
+    (rec / "mae" / "finished.json").write_text(json.dumps({**mark, "weights": "0" * 64}))
+    r = sitting(data, out, rec, SEEDS="0 1 2")
+    assert r.returncode == 1 and "gave other weights than the ones its recorded evaluations came from" in r.stderr
+    assert 'REDO="mae"' in r.stderr and not (rec / "ft_mae_s2").exists()
+
+    # REDO sets the method's recorded runs aside, to be made again
+    r = sitting(data, out, rec, REDO="mae", METHODS="")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (rec / "mae").exists() and not (rec / "linprobe_mae_s0.json").exists()
+    (moved,) = (rec / "superseded").iterdir()
+    assert (moved / "mae" / "finished.json").is_file() and (moved / "ft_mae_s1" / "finished.json").is_file()
+
+
+def test_runs_from_sittings_on_other_cpus_and_another_teacher_are_reported(tmp_path):
+    out, res = tmp_path / "runs", tmp_path / "res"
+    res.mkdir()
+    make_tree(out, 79.8)
+    for run, cpu, extra in (("mae", "AMD EPYC (avx2)", {}), ("teacher", "Intel(R) Xeon(R) (avx512_bf16)", {}),
+                            ("dmae", "Intel(R) Xeon(R) (avx512_bf16)", {"teacher": "b" * 64})):
+        (out / run / "finished.json").write_text(json.dumps({"epochs": 1, "cpu": cpu, "weights": "a" * 64, **extra}))
+    r = subprocess.run([sys.executable, "benchmarks/paper_table.py", str(out), "--res", str(res)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "- Machines (the runs' finished.json; sittings on different CPUs): Intel(R) Xeon(R) (avx512_bf16): 2 runs; " \
+           "AMD EPYC (avx2): 1 run;" in r.stdout
+    assert "**D-MAE distilled another teacher** than the one in the table (weights sha256 bbbbbbbbbbbb against " \
+           "aaaaaaaaaaaa)" in r.stdout and "D²-MAE distilled" not in r.stdout
+    assert "| AMD EPYC (avx2) |" in r.stdout  # the pre-training table: the CPU of each run
