@@ -88,8 +88,10 @@ def mark_finished(run: Path, epochs: int, teacher: Path | None = None) -> dict:
     evaluations recorded from it to stand) and, for a distilled student, the teacher's digest."""
     from fastvit_pt.engine.checkpoint import model_path
 
+    import torch
+
     mark = {"epochs": epochs, "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "cpu": cpu_model()}
+            "cpu": cpu_model(), "threads": torch.get_num_threads()}  # the weights depend on both
     exported = model_path(run, epochs)
     if not exported.is_file():
         sys.exit(f"paper_table.py --mark: {run} has no {exported.name}: not a finished run of {epochs} epochs")
