@@ -308,12 +308,14 @@ def main() -> None:
                      f"{diff(i, 'mae', last) if i != 'mae' else ''} | "
                      + (f"{p['rate']:.0f} | {hms(p['wall'])}{'*' if p['logged'] else ''} | {p['images']:,} |" if p
                         else "- | - | - |"))
-    seeds_table = ["| init | " + " | ".join(f"fine-tune s{s}" for s in sorted(ft["scratch"]) or ["-"])
-                   + " | " + " | ".join(f"linprobe s{s}" for s in sorted(lp["scratch"]) or ["-"]) + " |"]
+    ft_seeds = sorted({s for i in inits for s in ft[i]})  # every seed some fine-tune or probe ran with
+    lp_seeds = sorted({s for i in lp for s in lp[i]})
+    seeds_table = ["| init | " + " | ".join(f"fine-tune s{s}" for s in ft_seeds or ["-"])
+                   + " | " + " | ".join(f"linprobe s{s}" for s in lp_seeds or ["-"]) + " |"]
     seeds_table.append("|---|" + "---:|" * (seeds_table[0].count("|") - 2))
     for i in inits + ["teacher"]:
-        fts = [f"{ft[i][s][1]:.2f}" if s in ft.get(i, {}) else "-" for s in sorted(ft["scratch"])]
-        lps = [f"{lp[i][s]:.2f}" if s in lp[i] else "-" for s in sorted(lp["scratch"])]
+        fts = [f"{ft[i][s][1]:.2f}" if s in ft.get(i, {}) else "-" for s in ft_seeds or ["-"]]
+        lps = [f"{lp[i][s]:.2f}" if s in lp[i] else "-" for s in lp_seeds or ["-"]]
         seeds_table.append(f"| {LABELS[i]} | " + " | ".join(fts + lps) + " |")
 
     notes: List[str] = []
@@ -367,10 +369,10 @@ def main() -> None:
         notes.append("- **Pre-training loss did not fall**: " + ", ".join(
             f"{LABELS[m]} ({pre[m]['loss'][0]:.4f} -> {pre[m]['loss'][1]:.4f})" for m in flat)
             + ": in this budget the method has not started to train its encoder; read its rows as such.")
-    missing = [LABELS[m] for m in STUDENTS if m not in students]
+    missing = [LABELS[m] for m in STUDENTS if m not in students] + ["scratch"] * (not ft["scratch"])
     if missing:
-        notes.append(f"- Not in this table: {', '.join(missing)} (not pre-trained in these runs; "
-                     "`METHODS=\"...\" bash benchmarks/paper_table.sh` adds their rows to the same runs).")
+        notes.append(f"- **Not in this table yet**: {', '.join(missing)} (not run yet; "
+                     "`METHODS=\"...\" bash benchmarks/paper_table.sh` adds their rows to the same record).")
 
     # --- the paper's observations
     obs: List[str] = []
@@ -410,11 +412,12 @@ def main() -> None:
         obs.append(
             f"1. *MAE-style pre-training gives the best fine-tuned tiny ViT; contrastive methods the better linear "
             f"probe.* Fine-tune ranking: " + ", ".join(f"{LABELS[i]} {mean(last[i]):.2f}" for i in ranked)
-            + f" (scratch {mean(last['scratch']):.2f}). "
+            + (f" (scratch {mean(last['scratch']):.2f}). " if last["scratch"] else " (no scratch row yet). ")
             + first_half(ranked, last)
-            + f"Linear probe: {lp_line}: "
-            + ("**supports** the second half." if better_lp and len(better_lp) == len(contr) else
-               "**partly supports** the second half." if better_lp else "**contradicts** the second half."))
+            + (f"Linear probe: {lp_line}: " + ("**supports** the second half." if len(better_lp) == len(contr) else
+                                               "**partly supports** the second half." if better_lp else
+                                               "**contradicts** the second half.") if contr else
+               "Linear probe: no contrastive row yet: the second half is **not tested** here."))
     d_rows = [d for d in ("dmae", "d2mae") if last.get(d) and last.get("mae")]
     if d_rows:
         parts = []
@@ -496,10 +499,10 @@ def main() -> None:
     # the commands that ran, in order (a later sitting's '# skipped' lines repeat them)
     cmds = "\n".join(ln for ln in (out / "commands.txt").read_text().strip().splitlines()
                      if "   # skipped: " not in ln) if (out / "commands.txt").is_file() else "(not recorded)"
-    ft_cfg = read_config(next(iter(sorted(out.glob("ft_scratch_s*"))), out / "none"))
+    ft_cfg = read_config(next(iter(sorted(out.glob("ft_*_s*"))), out / "none"))
     mae_cfg = read_config(out / "mae")
     model = mae_cfg.get("model", {})
-    seeds = sorted(ft["scratch"])
+    seeds = ft_seeds
     prec = sorted({p["precision"] for p in pre.values()})
     # 'auto' follows the CPU: what it resolved to is recorded by each evaluation
     ran = sorted({v[3] for i in inits for v in ft[i].values() if v[3]})
