@@ -189,3 +189,9 @@ def test_runs_from_sittings_on_other_cpus_and_another_teacher_are_reported(tmp_p
     assert "**D-MAE distilled another teacher** than the one in the table (weights sha256 bbbbbbbbbbbb against " \
            "aaaaaaaaaaaa)" in r.stdout and "D²-MAE distilled" not in r.stdout
     assert "| AMD EPYC (avx2) |" in r.stdout  # the pre-training table: the CPU of each run
+
+
+def test_mae_level_with_scratch_within_the_seed_spread(tmp_path):
+    md, _ = generate(tmp_path, ft2_mae=79.8, fine_over={"scratch": 80.3})
+    assert "MAE is level with the random init (80.00 vs 80.30, within the seed spread of 0.50)" in md
+    assert "below the random init" not in md
