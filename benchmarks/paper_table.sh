@@ -168,15 +168,15 @@ step_() {  # "encoders" file command...
 # random encoders have no run: the MAE student's recipe stands in for it
 PROBE=(--train $TRAIN --test $TEST data.workers=0 data.crop_pct=1.0)
 LINPROBE=(linprobe.optimizer=sgd linprobe.blr=0.1 linprobe.epochs=90)
-first=${SEEDS%% *}
 src() { [ "$1" = scratch ] && echo scratch || echo "$OUT/$1"; }
 evaluate() {  # init seed
   local init=$1 seed=$2 base=()
   [ "$init" = scratch ] && base=(--recipe $R/mae_tiny.yaml)
   step $init $OUT/linprobe_${init}_s$seed.json $F linprobe "$(src $init)" "${PROBE[@]}" "${base[@]}" "${LINPROBE[@]}" \
     train.seed="$seed" --json $OUT/linprobe_${init}_s$seed.json
-  # k-NN has no randomness of its own: one run per pre-trained encoder, one per seed for the random encoders
-  if [ "$init" = scratch ] || [ "$seed" = "$first" ]; then
+  # k-NN has no randomness of its own: one run per pre-trained encoder (whichever seed a sitting reaches first:
+  # a sitting may start at seed 1), one per seed for the random encoders
+  if [ "$init" = scratch ] || ! compgen -G "$OUT/knn_${init}_s*.json" > /dev/null; then
     step $init $OUT/knn_${init}_s$seed.json $F knn "$(src $init)" "${PROBE[@]}" "${base[@]}" train.seed="$seed" \
       --json $OUT/knn_${init}_s$seed.json
   fi
