@@ -123,7 +123,7 @@ def sitting(data: Path, out: Path, rec: Path, **env_extra):
            "TEST": str(data / "test"), "PT_DATA": str(data / "train"),
            "PT_ARGS": "engine.precision=fp32 train.global_batch=50 train.micro_batch=50 train.tensorboard=false",
            "FT_ARGS": "engine.precision=fp32 train.tensorboard=false", "METHODS": "mae", "SCRATCH": "0",
-           "SEEDS": "0", "FT_EPOCHS": "1", "CHECK_INITS": "none", "CURVE_EPOCHS": "", "TABLE": "0",
+           "SEEDS": "0", "FT_EPOCHS": "1", "CHECK_INITS": "", "CURVE_EPOCHS": "", "TABLE": "0",
            "OMP_NUM_THREADS": "1", "FASTVIT": str(exe / "fastvit"), "PYTHON": sys.executable, **env_extra}
     return subprocess.run(["bash", "benchmarks/paper_table.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
@@ -145,6 +145,7 @@ def test_sittings_record_restore_and_check_remade_weights(fmnist_small, tmp_path
               "knn_mae_s0.json", "attention_mae.json", "times.tsv", "commands.txt"):
         assert (rec / f).is_file(), f
     assert not list(rec.rglob("*.pt")) and (out / "mae" / "model-0001.pt").is_file()
+    assert not list(rec.glob("ft2x_*")), "CHECK_INITS='' must mean no convergence checks"
 
     # sitting 2, a new checkout (no runs/): seed 1 needs MAE's weights, pre-trained again: the same digest, so the
     # recorded run stands and seed 0 is not run again
@@ -155,6 +156,7 @@ def test_sittings_record_restore_and_check_remade_weights(fmnist_small, tmp_path
     assert len((rec / "times_remade.tsv").read_text().splitlines()) == 1
     finetunes = [ln for ln in (rec / "times.tsv").read_text().splitlines() if " finetune " in ln]
     assert len(finetunes) == 2 and (rec / "linprobe_mae_s1.json").is_file()
+    assert not (rec / "knn_mae_s1.json").exists()  # k-NN of a pre-trained encoder: once
     assert "pre-trained again" in (rec / "commands.txt").read_text()
     md = (rec.parent / "paper_table_fmnist.md").read_text()
     assert "| MAE | " in md and "1 pre-trainings made again" in md
