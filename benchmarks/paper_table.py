@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -63,8 +64,6 @@ def times(out: Path, name: str = "times.tsv") -> List[Tuple[float, float, str]]:
 def run_time(rows, run_dir: Path) -> Tuple[float, float]:
     """Wall and CPU seconds of the commands that wrote run_dir (a run resumed over sittings: their sum). Matched by
     the run's name: the record (REC) holds runs that were written under OUT."""
-    import re
-
     out_arg = re.compile(rf"--out (\S*/)?{re.escape(run_dir.name)} ")
     hits = [(r, c) for r, c, cmd in rows if out_arg.search(cmd + " ")]
     return sum(h[0] for h in hits), sum(h[1] for h in hits)
